@@ -1,0 +1,28 @@
+# Fresh machine: `make demo` (main job) and `make test` (test suite) create .venv themselves.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+WORKDIR ?= runs/main
+
+.PHONY: setup demo test bench clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --upgrade pip
+	$(PY) -m pip install -e '.[dev]'
+	touch $@
+
+setup: $(VENV)/.installed
+
+demo: setup
+	$(PY) -m experiments.run experiments/main.py --workdir $(WORKDIR)
+
+test: setup
+	$(PY) -m pytest -q
+
+bench: setup
+	$(PY) -m pip install -e '.[bench]'
+	for f in benchmarks/*_bench.py; do $(PY) $$f || exit 1; done
+
+clean:
+	rm -rf $(VENV) runs

@@ -1,0 +1,72 @@
+"""Device mesh and shardings for the expert axis.
+
+Every expert stack (params, optimizer state, specs) is sharded along its leading axis over a
+1-D mesh named `experts` spanning all global devices; task pools are replicated. Stacks are
+padded to a multiple of the mesh size first (padding rows copy row 0 and never train).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+AXIS = "experts"
+
+
+def expert_mesh(devices=None) -> Mesh:
+  """A 1-D mesh over `devices` (default: every device of every process)."""
+  devices = jax.devices() if devices is None else list(devices)
+  return Mesh(np.asarray(devices), (AXIS,))
+
+
+def expert_sharding(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P(AXIS))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def _put(x, sharding: NamedSharding):
+  if isinstance(x, np.ndarray) or np.isscalar(x):
+    x = np.asarray(x)
+    # Works when the mesh spans devices of other processes: each process fills its own shards.
+    return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
+  return jax.device_put(x, sharding)
+
+
+def shard(tree: Any, mesh: Mesh) -> Any:
+  """Places every leaf sharded along its leading (expert) axis."""
+  s = expert_sharding(mesh)
+  return jax.tree.map(lambda x: _put(x, s), tree)
+
+
+def replicate(tree: Any, mesh: Mesh) -> Any:
+  s = replicated(mesh)
+  return jax.tree.map(lambda x: _put(x, s), tree)
+
+
+def padded_size(E: int, multiple: int) -> int:
+  return -(-E // multiple) * multiple
+
+
+def pad_tree(tree: Any, multiple: int) -> Any:
+  """Pads the leading axis to a multiple by repeating row 0."""
+  def pad(x):
+    extra = padded_size(x.shape[0], multiple) - x.shape[0]
+    if extra == 0:
+      return x
+    xp = np if isinstance(x, np.ndarray) else jax.numpy
+    return xp.concatenate([x, xp.repeat(x[:1], extra, axis=0)])
+  return jax.tree.map(pad, tree)
+
+
+def pad_experts(experts, multiple: int):
+  """Pads expert specs; padding experts get K = 0 so they never update."""
+  E = experts.size
+  padded = pad_tree(experts, multiple)
+  K = np.array(padded.K)
+  K[E:] = 0
+  return padded.replace(K=K)
