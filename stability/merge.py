@@ -18,9 +18,10 @@ groups (`jax.lax.map(..., batch_size=chunk_size)`; None = all groups in one vmap
 O(chunk_size * M * |backbone|) however many groups there are. Inputs are validated on the host
 before any compute; a bad input raises a one-line ValueError naming the field.
 
-RNG (DARE): member m of group g draws its mask on leaf l from
-  fold_in(fold_in(fold_in(key, g), m), l),
-where g is the group's row in `groups`, so results do not depend on chunk_size.
+RNG (DARE): group g draws all its keep masks at once, Bernoulli(1 - p) of shape [M, D] from
+fold_in(key, g), where g is the group's row in `groups` and D the backbone flattened in tree
+order (row m = member m); so results do not depend on chunk_size, and a stability twin merged
+with the same key and group index gets the same masks.
 """
 from __future__ import annotations
 
@@ -356,14 +357,12 @@ def _check_key(key: Any) -> Array:
 
 
 def _dare_masks(key: Array, gi: Array, M: int, shapes: list, p: Array) -> list:
-  """Keep masks [M, ...] per leaf for group gi; member m, leaf l use
-  fold_in(fold_in(fold_in(key, gi), m), l)."""
-  kg = jax.random.fold_in(key, gi)
-  out = []
-  for l, shape in enumerate(shapes):
-    ks = [jax.random.fold_in(jax.random.fold_in(kg, m), l) for m in range(M)]
-    out.append(jnp.stack([jax.random.bernoulli(km, 1.0 - p, shape) for km in ks]))
-  return out
+  """Keep masks, leaves [M, ...], of group gi: one Bernoulli(1 - p) draw of shape [M, D] from
+  fold_in(key, gi) over the backbone flattened in tree order (D coordinates), split by leaf."""
+  sizes = [math.prod(s) for s in shapes]
+  keep = jax.random.bernoulli(jax.random.fold_in(key, gi), 1.0 - p, (M, sum(sizes)))
+  cuts = np.cumsum(sizes)[:-1].tolist()
+  return [part.reshape((M,) + tuple(s)) for part, s in zip(jnp.split(keep, cuts, axis=1), shapes)]
 
 
 _DARE_BASES = ("average", "task_arithmetic", "ties")
@@ -403,7 +402,7 @@ def dare(x0: Params, stack: Params, groups: Any, weights: Any = None, *, key: An
     'ties'             TIES on tau~ (trim k, elect, disjoint mean), x0 + lam * tau* (lam
                        default 1.0; weights not allowed).
   Defaults p = 0.5, rescale = True follow FusionBench `dare/*`. Masks: see the module
-  docstring (keyed by group row, member position and leaf). p = 0 reproduces `base` exactly.
+  docstring (one draw per group, keyed by the group's row). p = 0 reproduces `base` exactly.
   """
   _, g, chunk_size = _prepare(x0, stack, groups, tasks, chunk_size)
   if base not in _DARE_BASES:
