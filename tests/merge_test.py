@@ -1,4 +1,6 @@
 """stability.merge: every merge == a per-model numpy reference; properties; bad inputs."""
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -70,9 +72,9 @@ def test_average_matches_reference():
 def test_weighted_average_matches_reference():
   x0, stack = _trees()
   w = np.random.default_rng(1).uniform(0.1, 2.0, GROUPS.shape)
-  got = merge.average(x0, stack, GROUPS, w)
   want = _ref_linear(x0, stack, GROUPS, w / w.sum(1, keepdims=True), np.zeros(4))
-  _assert_tree_close(got, want)
+  _assert_tree_close(merge.average(x0, stack, GROUPS, w), want)
+  _assert_tree_close(merge.weighted_average(x0, stack, GROUPS, w, chunk_size=3), want)
 
 
 def test_identical_experts_average_to_that_expert():
@@ -184,24 +186,26 @@ def test_dare_matches_reference(base, rescale):
                                   k=0.5, chunk_size=3), got, rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("base", ["average", "task_arithmetic", "ties"])
-def test_dare_with_p0_is_its_base(base):
+@pytest.mark.parametrize("base,rescale", [("average", True), ("task_arithmetic", False),
+                                          ("ties", True)])
+def test_dare_with_p0_is_its_base(base, rescale):
   x0, stack = _trees()
-  got = merge.dare(x0, stack, GROUPS, key=jax.random.key(0), p=0.0, base=base)
+  got = merge.dare(x0, stack, GROUPS, key=jax.random.key(0), p=0.0, base=base, k=0.5,
+                   rescale=rescale)
   want = {"average": lambda: merge.average(x0, stack, GROUPS),
           "task_arithmetic": lambda: merge.task_arithmetic(x0, stack, GROUPS),
-          "ties": lambda: merge.ties(x0, stack, GROUPS)}[base]()
+          "ties": lambda: merge.ties(x0, stack, GROUPS, k=0.5)}[base]()
   _assert_tree_close(got, want, rtol=1e-5, atol=1e-6)
 
 
 def test_dare_drop_rate_and_diagnostics_agree():
   x0, stack = _trees(E=7)
   key = jax.random.key(9)
-  d = merge.diagnostics(x0, stack, GROUPS, key=key, p=0.3)
+  d = merge.diagnostics(x0, stack, GROUPS, key=key, p=0.3, k=0.3)
   assert abs(float(np.mean(d["dare_sparsity"])) - 0.3) < 0.05
   # Masks are the ones dare() uses: p -> realised zeros of the unrescaled task vectors.
   got = merge.dare(x0, stack, GROUPS, key=key, p=0.3, rescale=False, base="task_arithmetic",
-                   lam=1.0, weights=np.eye(3)[[0, 0, 0, 0]])  # member 0 alone
+                   lam=1.0, k=0.5, weights=np.eye(3)[[0, 0, 0, 0]])  # member 0 alone
   tau = np.concatenate([(np.asarray(a) - np.asarray(b)[None]).reshape(4, -1)
                         for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(x0))], axis=1)
   np.testing.assert_allclose((tau == 0).mean(1), np.asarray(d["dare_sparsity"])[:, 0],
@@ -397,8 +401,11 @@ def test_sharded_stack_gives_the_same_average():
 
 def test_diagnostics_match_reference():
   x0, stack = _trees()
-  d = merge.diagnostics(x0, stack, GROUPS, k=0.3)
-  assert "dare_sparsity" not in d
+  assert "dare_sparsity" not in merge.diagnostics(x0, stack, GROUPS[:1], k=0.3)
+  d = merge.diagnostics(x0, stack, GROUPS, k=0.3, key=jax.random.key(1))
+  d_chunked = merge.diagnostics(x0, stack, GROUPS, k=0.3, key=jax.random.key(1), chunk_size=3)
+  for name in d:
+    np.testing.assert_allclose(d_chunked[name], d[name], rtol=1e-6, atol=1e-7, err_msg=name)
   for g, row in enumerate(GROUPS):
     taus = _flat_taus(x0, stack, row)
     norms = np.linalg.norm(taus, axis=1)
@@ -412,3 +419,260 @@ def test_diagnostics_match_reference():
     np.testing.assert_allclose(d["ties_sparsity"][g], (trimmed == 0).mean(1), atol=1e-6)
     np.testing.assert_allclose(d["ties_merged_sparsity"][g],
                                np.mean(_ref_ties_update(trimmed) == 0), atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# Data-dependent merges: Fisher and Gram helpers, AdaMerging, greedy soup, logit ensemble
+
+
+@functools.lru_cache(maxsize=None)
+def _setup(E=5, N=8, seed=0):
+  """A tiny MLP, E experts (pretrained backbone + noise, random heads), per-expert data."""
+  from stability.models import get_model
+  model = get_model("mlp", 3, widths=(6, 5))
+  shape = (4, 4, 1)
+  k0, k1 = jax.random.split(jax.random.key(seed))
+  x0 = jax.jit(model.init_backbone, static_argnums=1)(k0, shape)
+  rng = np.random.default_rng(seed)
+  stack = jax.tree.map(
+      lambda a: (a[None] + 0.3 * rng.normal(size=(E,) + a.shape)).astype(np.float32), x0)
+  heads = jax.jit(jax.vmap(lambda k: model.init_head(k, x0, shape)))(jax.random.split(k1, E))
+  x = rng.uniform(0, 1, (E, N) + shape).astype(np.float32)
+  nc = np.array([2, 3, 3, 2, 3][:E], np.int32)
+  y = (rng.integers(0, 6, (E, N)) % nc[:, None]).astype(np.int32)
+  mask = np.ones((E, N), np.float32)
+  mask[1, -3:] = 0.0  # padding rows
+  return model, x0, stack, heads, x, y, nc, mask
+
+
+def _expert(stack, heads, i):
+  return {"backbone": jax.tree.map(lambda a: a[i], stack),
+          "head": jax.tree.map(lambda a: a[i], heads)}
+
+
+def test_diag_fisher_vmapped_matches_per_sample_loop():
+  from stability.models import per_sample_loss
+  model, x0, stack, heads, x, y, nc, mask = _setup()
+  params = {"backbone": stack, "head": heads}
+  F = jax.jit(jax.vmap(lambda p, xx, yy, c, m: merge.diag_fisher(model, p, xx, yy, c, m)))(
+      params, x, y, nc, mask)
+
+  @jax.jit
+  def grad_n(p, xn, yn, c):
+    return jax.grad(lambda bb: per_sample_loss(model, {"backbone": bb, "head": p["head"]},
+                                               xn[None], yn[None], c)[0][0])(p["backbone"])
+
+  for e in (1,):  # expert 1 has padding rows
+    p = _expert(stack, heads, e)
+    sq = [jax.tree.map(np.square, grad_n(p, x[e, n], y[e, n], nc[e]))
+          for n in range(x.shape[1]) if mask[e, n]]
+    want = jax.tree.map(lambda *g: np.mean(np.stack(g), 0), *sq)
+    _assert_tree_close(jax.tree.map(lambda a: a[e], F), want, rtol=1e-5, atol=1e-7)
+
+
+def test_gram_matrices_capture_every_dense_input():
+  model, x0, stack, heads, x, y, nc, mask = _setup()
+  grams = jax.jit(jax.vmap(lambda bb, xx, m: merge.gram_matrices(model, bb, xx, m)))(
+      stack, x, mask)
+  assert set(grams) == {"Dense_0", "Dense_1"}
+  for e in (0, 1):
+    m = mask[e].astype(bool)
+    h0 = x[e][m].reshape(m.sum(), -1).astype(np.float64)
+    k0, b0 = (np.asarray(stack["Dense_0"][n][e], np.float64) for n in ("kernel", "bias"))
+    h1 = np.maximum(h0 @ k0 + b0, 0.0)
+    np.testing.assert_allclose(grams["Dense_0"][e], h0.T @ h0 / m.sum(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(grams["Dense_1"][e], h1.T @ h1 / m.sum(), rtol=1e-5, atol=1e-6)
+  merged = merge.regmean(x0, stack, np.array([[0, 1, 2]]), grams=grams)  # runs end to end
+  assert all(np.all(np.isfinite(a)) for a in jax.tree.leaves(merged))
+
+
+def _ref_member_logits(model, backbone, heads, rows, x_rows, nc):
+  """Masked logits per member m (its head, its inputs), Python loop over members."""
+  from stability.models import masked_logits
+  out = []
+  for m, i in enumerate(rows):
+    params = {"backbone": backbone, "head": jax.tree.map(lambda a: a[i], heads)}
+    out.append(masked_logits(model.apply(params, x_rows[m]), nc[i]))
+  return out
+
+
+@pytest.mark.parametrize("granularity,chunk", [("task", None), ("layer", 1)])
+def test_adamerging_matches_per_group_loop(granularity, chunk):
+  import optax
+  model, x0, stack, heads, x, y, nc, mask = _setup()
+  groups = np.array([[0, 1], [2, 4]], np.int32)
+  key, steps, bs, L = jax.random.key(3), 3, 4, len(jax.tree.leaves(x0))
+  kw = dict(model=model, heads=heads, x=x, num_classes=nc, key=key, mask=mask,
+            granularity=granularity, steps=steps, batch_size=bs, lr=0.05, chunk_size=chunk)
+  lam = merge.adamerging_coefficients(x0, stack, groups, **kw)
+  assert lam.shape == ((2, 2) if granularity == "task" else (2, 2, L))
+
+  @jax.jit
+  @jax.grad
+  def grad(lam_m, kb, rows):
+    lam_ml = jnp.broadcast_to(jnp.reshape(lam_m, (2, -1)), (2, L))
+    leaves = [a0 + sum(lam_ml[m, l] * (s[rows[m]] - a0) for m in range(2))
+              for l, (a0, s) in enumerate(zip(jax.tree.leaves(x0), jax.tree.leaves(stack)))]
+    merged = jax.tree.unflatten(jax.tree.structure(x0), leaves)
+    keys = jax.random.split(kb, 2)
+    total = 0.0
+    for m in range(2):
+      i = rows[m]
+      xb = jnp.asarray(x)[i][jax.random.choice(keys[m], x.shape[1], (bs,),
+                                               p=jnp.asarray(mask)[i] / jnp.sum(jnp.asarray(mask)[i]))]
+      logits = _ref_member_logits(model, merged, heads, [i], [xb], jnp.asarray(nc))[0]
+      logp = jax.nn.log_softmax(logits)
+      total = total + jnp.mean(-jnp.sum(jnp.exp(logp) * logp, -1))
+    return total
+
+  opt = optax.adam(0.05)
+  for g, rows in enumerate(groups):
+    lam_g = jnp.full((2,) if granularity == "task" else (2, L), 0.3)
+    state = opt.init(lam_g)
+    for i in range(steps):
+      gr = grad(lam_g, jax.random.fold_in(jax.random.fold_in(key, g), i), jnp.asarray(rows))
+      upd, state = opt.update(gr, state, lam_g)
+      lam_g = jnp.clip(optax.apply_updates(lam_g, upd), 0.0, 1.0)
+    np.testing.assert_allclose(lam[g], lam_g, rtol=1e-4, atol=1e-5)
+  # The merged backbone is x0 + sum_m lam_m tau_m with those coefficients.
+  lam_gml = np.broadcast_to(np.asarray(lam).reshape(2, 2, -1), (2, 2, L))
+  want = []
+  for g, rows in enumerate(groups):
+    want.append({p: a0 + sum(lam_gml[g, m, l] * (s[i] - a0) for m, i in enumerate(rows))
+                 for l, ((p, a0), (_, s)) in enumerate(zip(_items(x0), _items(stack)))})
+  got = merge.adamerging(x0, stack, groups, **kw)
+  _assert_tree_close(got, _stack_ref(want, x0), rtol=1e-5, atol=1e-5)
+
+
+def _ref_accuracy(model, backbone, heads, rows, x, y, nc, mask):
+  accs = []
+  for m, logits in enumerate(_ref_member_logits(model, backbone, heads, rows,
+                                                [x[i] for i in rows], nc)):
+    i = rows[m]
+    accs.append(np.sum((np.argmax(logits, -1) == y[i]) * mask[i]) / mask[i].sum())
+  return float(np.mean(accs))
+
+
+def test_greedy_soup_matches_reference_and_never_loses_to_its_best_member():
+  model, x0, stack, heads, x, y, nc, mask = _setup(E=5, N=16, seed=1)
+  groups = np.array([[0, 1, 2], [3, 4, 0], [2, 3, 4], [1, 3, 0]], np.int32)
+  soup, info = merge.greedy_soup(x0, stack, groups, model=model, heads=heads, x=x, y=y,
+                                 num_classes=nc, mask=mask, return_info=True, chunk_size=2)
+  for g, rows in enumerate(groups):
+    members = [jax.tree.map(lambda a: np.asarray(a[i], np.float64), stack) for i in rows]
+    acc = lambda bb: _ref_accuracy(model, bb, heads, rows, x, y, nc, mask)
+    member_acc = [acc(b) for b in members]
+    np.testing.assert_allclose(info["member_accuracy"][g], member_acc, atol=1e-6)
+    ingredients, best, included = [], -1.0, np.zeros(3, bool)
+    for j in np.argsort(-np.asarray(member_acc), kind="stable"):
+      cand = jax.tree.map(lambda *a: np.mean(a, 0), *(ingredients + [members[j]]))
+      a = acc(cand)
+      if not ingredients or a >= best:
+        ingredients, best, included[j] = ingredients + [members[j]], a, True
+    np.testing.assert_array_equal(info["included"][g], included)
+    want = jax.tree.map(lambda *a: np.mean(a, 0), *ingredients)
+    _assert_tree_close(jax.tree.map(lambda a: a[g], soup), want)
+    got_acc = acc(jax.tree.map(lambda a: np.asarray(a[g]), soup))
+    assert got_acc >= max(member_acc) - 1e-9
+    assert float(info["accuracy"][g]) == pytest.approx(got_acc)
+
+
+def test_ensemble_averages_member_logits():
+  model, x0, stack, heads, x, y, nc, mask = _setup()
+  groups = np.array([[0, 1, 2], [4, 3, 1]], np.int32)
+  w = np.array([[1.0, 2.0, 1.0], [1.0, 1.0, 1.0]])
+  got = np.asarray(merge.ensemble(x0, stack, groups, w, model=model, heads=heads, x=x,
+                                  num_classes=nc))
+  assert got.shape == (2, 3, x.shape[1], 3)
+  for g, rows in enumerate(groups):
+    wg = w[g] / w[g].sum()
+    per_backbone = [_ref_member_logits(model, jax.tree.map(lambda a: a[j], stack), heads, rows,
+                                       [x[i] for i in rows], nc) for j in rows]
+    for t, i in enumerate(rows):
+      want = sum(wg[j] * np.asarray(per_backbone[j][t], np.float64) for j in range(3))
+      np.testing.assert_allclose(got[g, t, :, :nc[i]], want[:, :nc[i]], rtol=1e-5, atol=1e-5)
+      assert np.all(got[g, t, :, nc[i]:] < -1e8)
+
+
+# ---------------------------------------------------------------------------------------------
+# Registry and bad inputs
+
+
+def test_registry_dispatches_and_lists_names():
+  x0, stack = _trees()
+  assert merge.get("average") is merge.average
+  _assert_tree_close(merge.merge("task_arithmetic", x0, stack, GROUPS, lam=0.5),
+                     merge.task_arithmetic(x0, stack, GROUPS, lam=0.5), rtol=0, atol=0)
+  with pytest.raises(ValueError, match=r"algorithm: unknown merge 'mean'; allowed: .*average"):
+    merge.merge("mean", x0, stack, GROUPS)
+
+
+def _bad_cases():
+  x0, stack = _trees()
+  other = {**x0, "extra": np.zeros(2, np.float32)}
+  wrong_shape = jax.tree.map(lambda s: s[..., :1] if s.ndim > 2 else s, stack)
+  key = jax.random.key(0)
+  tasks = np.array([0, 1, 2, 0, 1, 2, 3])
+  G = _grams(7, 0)
+  return [
+      ("structure", lambda: merge.average(other, stack, GROUPS), r"stack: tree structure"),
+      ("shape", lambda: merge.average(x0, wrong_shape, GROUPS), r"stack: leaf .* has shape"),
+      ("E", lambda: merge.average(x0, {**stack, "Conv_0": {"kernel": stack["Conv_0"]["kernel"][:3]}},
+                                  GROUPS), r"stack: leaves disagree on the expert axis E"),
+      ("M=0", lambda: merge.average(x0, stack, np.zeros((2, 0), np.int32)), r"groups: empty group"),
+      ("1-D", lambda: merge.average(x0, stack, np.array([0, 1])), r"groups: must be a 2-D integer"),
+      ("float", lambda: merge.average(x0, stack, GROUPS * 1.0), r"groups: must be a 2-D integer"),
+      ("range", lambda: merge.average(x0, stack, GROUPS + 1), r"groups: indices must lie in \[0, E=7\)"),
+      ("negative", lambda: merge.ties(x0, stack, -GROUPS), r"groups: indices must lie"),
+      ("repeat", lambda: merge.average(x0, stack, GROUPS, tasks=tasks),
+       r"groups: group 2 repeats a task"),
+      ("tasks", lambda: merge.average(x0, stack, GROUPS, tasks=tasks[:3]), r"tasks: must be"),
+      ("weights", lambda: merge.average(x0, stack, GROUPS, np.ones((4, 2))), r"weights: must have shape"),
+      ("weights<0", lambda: merge.average(x0, stack, GROUPS, -np.ones((4, 3))), r"weights: an average"),
+      ("lam", lambda: merge.task_arithmetic(x0, stack, GROUPS, lam=-0.1), r"lam: must be in \[0"),
+      ("lam nan", lambda: merge.ties(x0, stack, GROUPS, lam=float("nan")), r"lam: must be"),
+      ("k=0", lambda: merge.ties(x0, stack, GROUPS, k=0.0), r"k: must be in \(0.0, 1.0\]"),
+      ("k=20", lambda: merge.ties(x0, stack, GROUPS, k=20), r"k: must be in \(0.0, 1.0\]"),
+      ("p=1", lambda: merge.dare(x0, stack, GROUPS, key=key, p=1.0), r"p: must be in \[0.0, 1.0\)"),
+      ("p<0", lambda: merge.dare(x0, stack, GROUPS, key=key, p=-0.1), r"p: must be in"),
+      ("key", lambda: merge.dare(x0, stack, GROUPS, key=None), r"key: .*explicit jax.random key"),
+      ("base", lambda: merge.dare(x0, stack, GROUPS, key=key, base="fisher"),
+       r"base: unknown DARE base merge 'fisher'; allowed: average, task_arithmetic, ties"),
+      ("t", lambda: merge.slerp(x0, stack, GROUPS[:, :2], t=1.5), r"t: must be in \[0.0, 1.0\]"),
+      ("pairs", lambda: merge.slerp(x0, stack, GROUPS), r"groups: slerp merges pairs \(M=2\)"),
+      ("stock M", lambda: merge.model_stock(x0, stack, GROUPS[:, :1]), r"groups: model_stock needs M >= 2"),
+      ("alpha", lambda: merge.regmean(x0, stack, GROUPS, grams=G, alpha=2.0), r"alpha: must be in"),
+      ("grams", lambda: merge.regmean(x0, stack, GROUPS, grams={"Dense_9": G["Dense_0"]}),
+       r"grams: Dense_9 names no Dense kernel"),
+      ("gram shape", lambda: merge.regmean(x0, stack, GROUPS, grams={"Dense_0": G["Dense_0"][:, :3, :3]}),
+       r"grams: Dense_0 has shape"),
+      ("fishers", lambda: merge.fisher(x0, stack, GROUPS, fishers=jax.tree.map(lambda s: -s, stack)),
+       r"fishers: must be finite and >= 0"),
+      ("chunk", lambda: merge.average(x0, stack, GROUPS, chunk_size=0), r"chunk_size: must be"),
+  ]
+
+
+@pytest.mark.parametrize("case", range(len(_bad_cases())),
+                         ids=[c[0] for c in _bad_cases()])
+def test_bad_inputs_raise_a_clear_value_error(case, monkeypatch):
+  name, call, message = _bad_cases()[case]
+  # Validation happens before any compute: nothing may be jitted on the way to the error.
+  for fn in ("_linear", "_ties", "_dare", "_fisher", "_regmean", "_slerp", "_model_stock"):
+    monkeypatch.setattr(merge, fn, lambda *a, **k: pytest.fail("computed before validating"))
+  with pytest.raises(ValueError, match=message):
+    call()
+
+
+def test_data_dependent_bad_inputs():
+  model, x0, stack, heads, x, y, nc, mask = _setup()
+  groups = np.array([[0, 1]], np.int32)
+  kw = dict(model=model, heads=heads, num_classes=nc, key=jax.random.key(0))
+  with pytest.raises(ValueError, match=r"x: must be per-expert inputs \[E=5, N, ...\]"):
+    merge.adamerging(x0, stack, groups, x=x[:2], **kw)
+  with pytest.raises(ValueError, match=r"granularity: unknown 'block'; allowed: task, layer"):
+    merge.adamerging(x0, stack, groups, x=x, granularity="block", **kw)
+  with pytest.raises(ValueError, match=r"mask: every expert needs at least one real sample"):
+    merge.adamerging(x0, stack, groups, x=x, mask=np.zeros_like(mask), **kw)
+  with pytest.raises(ValueError, match=r"y: must be int labels"):
+    merge.greedy_soup(x0, stack, groups, model=model, heads=heads, x=x, y=y[:, :2],
+                      num_classes=nc)

@@ -1,0 +1,211 @@
+"""Merge throughput: jitted `stability.merge` vs a per-state_dict numpy loop and vs copy bandwidth.
+
+The question: how fast are our merges on the shape of the paper's protocol (1,000 expert
+backbones merged into 1,000 groups of 6)? Backbone: `get_model('mlp', 10)` on 14x14x1 inputs
+(41,728 float32 parameters, 167 kB; the stack is 167 MB, larger than the caches).
+
+  .venv/bin/python benchmarks/merge_bench.py [--repeats 5] [--loop-repeats 3] [--levers]
+
+Everything is measured in this one process; times are medians over repeats after one warm-up
+(jit compile excluded), with `jax.block_until_ready`. Columns:
+  ours / loop   median ms of our jitted merge / of a Python loop over groups and state_dict
+                keys with numpy (in-place adds; the way PyTorch toolkits such as FusionBench
+                loop over models and parameter names)
+  speedup       loop / ours
+  GB/s          bytes the merge must move / time: reads G*M + writes G backbones (TIES and
+                DARE read and write more; their GB/s uses the same bytes, for scale only)
+  % copy        GB/s over the bandwidth of a plain copy of an array the size of the output,
+                bytes read + written per second: np.copyto into a preallocated array
+                ("copy, no alloc") and a jitted jnp copy that allocates its output like our
+                merges do ("copy, alloc")
+On a shared 2-core machine the numbers move with the load; rerun when the machine is idle.
+Runtime: about 1-2 minutes.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from stability import merge
+from stability.models import get_model
+
+E, G, M = 1000, 1000, 6
+LAM_TA, K_TIES, P_DARE = 0.3, 0.2, 0.5
+
+
+def _median_time(f, repeats: int) -> float:
+  jax.block_until_ready(f())  # warm-up (compiles)
+  ts = []
+  for _ in range(repeats):
+    t = time.perf_counter()
+    jax.block_until_ready(f())
+    ts.append(time.perf_counter() - t)
+  return float(np.median(ts))
+
+
+def _loop_time(f, repeats: int) -> float:
+  ts = []
+  for _ in range(repeats):
+    t = time.perf_counter()
+    f()
+    ts.append(time.perf_counter() - t)
+  return float(np.median(ts))
+
+
+# ---------------------------------------------------------------------------------------------
+# The per-state_dict numpy loops.
+
+def loop_average(sds, groups):
+  out = []
+  for row in groups:
+    acc = {k: v.copy() for k, v in sds[row[0]].items()}
+    for i in row[1:]:
+      for k, v in sds[i].items():
+        acc[k] += v
+    for k in acc:
+      acc[k] *= 1.0 / len(row)
+    out.append(acc)
+  return out
+
+
+def loop_task_arithmetic(sd0, sds, groups, lam):
+  out = []
+  for row in groups:
+    tv = {k: np.zeros_like(v) for k, v in sd0.items()}
+    for i in row:
+      for k, v in sds[i].items():
+        tv[k] += v - sd0[k]
+    out.append({k: sd0[k] + lam * tv[k] for k in sd0})
+  return out
+
+
+def _flatten(sd):
+  return np.concatenate([sd[k].reshape(-1) for k in sd])
+
+
+def _unflatten(vec, like):
+  out, i = {}, 0
+  for k, v in like.items():
+    out[k] = vec[i:i + v.size].reshape(v.shape)
+    i += v.size
+  return out
+
+
+def loop_ties(sd0, sds, groups, k, lam):
+  """TIES as in the reference code: flatten, top-k by kthvalue, elect, disjoint mean."""
+  flat0 = _flatten(sd0)
+  D = flat0.size
+  n_keep = int(np.ceil(round(k * D, 6)))
+  out = []
+  for row in groups:
+    tvs = np.stack([_flatten(sds[i]) - flat0 for i in row])
+    mag = np.abs(tvs)
+    thr = -np.partition(-mag, n_keep - 1, axis=1)[:, n_keep - 1:n_keep]
+    trimmed = np.where(mag >= thr, tvs, 0.0)
+    sign = np.sign(trimmed.sum(0))
+    sign[sign == 0] = np.sign(sign.sum())
+    agree = np.where(sign > 0, trimmed > 0, trimmed < 0)
+    merged = np.where(agree, trimmed, 0.0).sum(0) / np.maximum(agree.sum(0), 1)
+    out.append(_unflatten(flat0 + lam * merged, sd0))
+  return out
+
+
+def loop_dare(sd0, sds, groups, p, lam, rng):
+  out = []
+  for row in groups:
+    tv = {k: np.zeros_like(v) for k, v in sd0.items()}
+    for i in row:
+      for k, v in sds[i].items():
+        t = v - sd0[k]
+        tv[k] += np.where(rng.random(t.shape, np.float32) >= p, t / (1.0 - p), 0.0)
+    out.append({k: sd0[k] + lam * tv[k] for k in sd0})
+  return out
+
+
+# ---------------------------------------------------------------------------------------------
+
+def main() -> None:
+  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  ap.add_argument("--repeats", type=int, default=5, help="timed repeats of each jitted merge")
+  ap.add_argument("--loop-repeats", type=int, default=3, help="timed repeats of each loop")
+  ap.add_argument("--levers", action="store_true", help="also time chunk sizes and variants")
+  args = ap.parse_args()
+
+  model = get_model("mlp", 10)
+  x0 = model.init_backbone(jax.random.key(0), (14, 14, 1))
+  rng = np.random.default_rng(0)
+  stack = jax.tree.map(lambda a: jnp.asarray(
+      (a[None] + 0.01 * rng.standard_normal((E,) + a.shape, np.float32)).astype(np.float32)), x0)
+  groups = rng.permuted(np.tile(np.arange(E), (G, 1)), axis=1)[:, :M].astype(np.int32)
+  P = sum(a.size for a in jax.tree.leaves(x0))
+  bytes_moved = (G * M + G) * P * 4
+
+  names = ["/".join(str(getattr(k, "key", k)) for k in p)
+           for p, _ in jax.tree_util.tree_flatten_with_path(x0)[0]]
+  sd0 = dict(zip(names, (np.asarray(a) for a in jax.tree.leaves(x0))))
+  host = [np.asarray(a) for a in jax.tree.leaves(stack)]
+  sds = [dict(zip(names, (a[e] for a in host))) for e in range(E)]
+
+  # Same semantics before timing: ours == the loops on a few groups.
+  few = groups[:3]
+  for ours, ref in ((merge.average(x0, stack, few), loop_average(sds, few)),
+                    (merge.task_arithmetic(x0, stack, few, lam=LAM_TA),
+                     loop_task_arithmetic(sd0, sds, few, LAM_TA)),
+                    (merge.ties(x0, stack, few, k=K_TIES), loop_ties(sd0, sds, few, K_TIES, 1.0))):
+    for a, k in zip(jax.tree.leaves(ours), names):
+      np.testing.assert_allclose(np.asarray(a), np.stack([r[k] for r in ref]), rtol=1e-4,
+                                 atol=1e-5)
+
+  big = np.ones(G * P, np.float32)
+  dst = np.empty_like(big)
+  copy_noalloc = 2 * big.nbytes / _loop_time(lambda: np.copyto(dst, big), 2 * args.repeats + 1)
+  jbig = jnp.asarray(big)
+  jcopy = jax.jit(jnp.copy)
+  copy_alloc = 2 * big.nbytes / _median_time(lambda: jcopy(jbig), 2 * args.repeats + 1)
+  copy_bw = max(copy_noalloc, copy_alloc)
+
+  key = jax.random.key(1)
+  cases = [
+      ("average", lambda: merge.average(x0, stack, groups), lambda: loop_average(sds, groups)),
+      ("task_arithmetic", lambda: merge.task_arithmetic(x0, stack, groups, lam=LAM_TA),
+       lambda: loop_task_arithmetic(sd0, sds, groups, LAM_TA)),
+      ("ties (k=0.2)", lambda: merge.ties(x0, stack, groups, k=K_TIES),
+       lambda: loop_ties(sd0, sds, groups, K_TIES, 1.0)),
+      ("dare+TA (p=0.5)", lambda: merge.dare(x0, stack, groups, key=key, p=P_DARE),
+       lambda: loop_dare(sd0, sds, groups, P_DARE, LAM_TA, np.random.default_rng(0))),
+  ]
+  print(f"E={E} experts, G={G} groups of M={M}; backbone {P} float32 ({P * 4 / 1e3:.0f} kB); "
+        f"stack {E * P * 4 / 1e6:.0f} MB; devices: {jax.devices()[0].platform} x "
+        f"{jax.device_count()}")
+  print(f"copy bandwidth (read+write): no alloc {copy_noalloc / 1e9:.1f} GB/s, "
+        f"alloc {copy_alloc / 1e9:.1f} GB/s; '% copy' uses the larger")
+  print(f"{'merge':<18}{'ours ms':>9}{'loop ms':>10}{'speedup':>9}{'GB/s':>8}{'% copy':>8}")
+  for name, ours, loop in cases:
+    t_ours = _median_time(ours, args.repeats)
+    t_loop = _loop_time(loop, args.loop_repeats)
+    bw = bytes_moved / t_ours
+    print(f"{name:<18}{t_ours * 1e3:9.1f}{t_loop * 1e3:10.1f}{t_loop / t_ours:8.1f}x"
+          f"{bw / 1e9:8.1f}{100 * bw / copy_bw:7.0f}%")
+
+  if args.levers:
+    print("\nlevers (average):")
+    for cs in (None, 64, 256):
+      t = _median_time(lambda: merge.average(x0, stack, groups, chunk_size=cs), args.repeats)
+      print(f"  chunk_size={cs!s:<5} {t * 1e3:8.1f} ms {bytes_moved / t / 1e9:6.1f} GB/s")
+
+    @jax.jit
+    def gather_tensordot(stack, groups, w):
+      # Materialises the [G, M, ...] slab, then contracts M.
+      return jax.tree.map(lambda s: jnp.einsum("gm,gm...->g...", w, s[groups]), stack)
+
+    w = jnp.full((G, M), 1.0 / M, jnp.float32)
+    t = _median_time(lambda: gather_tensordot(stack, jnp.asarray(groups), w), args.repeats)
+    print(f"  gather+tensordot  {t * 1e3:8.1f} ms {bytes_moved / t / 1e9:6.1f} GB/s")
+
+
+if __name__ == "__main__":
+  main()
