@@ -269,6 +269,25 @@ def _n_keep(k: float, D: int) -> int:
   return int(min(D, max(1, math.ceil(round(k * D, 6)))))
 
 
+def _kth_largest(a: Array, n: int) -> Array:
+  """The n-th largest entry of a flat array a >= 0, exactly, by bisection on its float bits.
+
+  Non-negative floats order like their int32 bit patterns, so 32 halvings of [0, +inf] find
+  the largest t with #{a >= t} >= n. Each step is one vectorised count: much faster on CPU
+  than `lax.top_k` or a sort (8 s vs 0.7 s for 1000 x 42k).
+  """
+  b = jax.lax.bitcast_convert_type(a, jnp.int32)
+
+  def halve(_, lohi):
+    lo, hi = lohi
+    mid = lo + (hi - lo + 1) // 2
+    ok = jnp.sum(b >= mid) >= n
+    return jnp.where(ok, mid, lo), jnp.where(ok, hi, mid - 1)
+
+  lo, _ = jax.lax.fori_loop(0, 32, halve, (jnp.int32(0), jnp.int32(0x7F800000)))
+  return jax.lax.bitcast_convert_type(lo, jnp.float32)
+
+
 def _trim(tau_leaves: list, k: float) -> list:
   """TIES trim of ONE task vector: keep entries with |tau| >= its ceil(k*D)-th largest |tau|.
 
@@ -279,7 +298,7 @@ def _trim(tau_leaves: list, k: float) -> list:
   n = _n_keep(k, flat.shape[0])
   if n >= flat.shape[0]:
     return list(tau_leaves)
-  thr = jax.lax.top_k(flat, n)[0][n - 1]
+  thr = _kth_largest(flat, n)
   return [jnp.where(jnp.abs(t) >= thr, t, 0.0) for t in tau_leaves]
 
 
@@ -308,13 +327,17 @@ def _ties_merge(tau_leaves_M: list) -> list:
   return _disjoint_mean(tau_leaves_M, _elect(tau_leaves_M))
 
 
+_TRIM_CHUNK = 16
+
+
 @functools.partial(jax.jit, static_argnames=("k", "chunk_size"))
 def _ties(x0, stack, uniq_U, inv_GxM, lam, k, chunk_size):
   leaves0, leaves_s, treedef = _flat(x0, stack)
-  # Trimming is per task vector, so it is done once per distinct expert, not once per member.
+  # Trimming is per task vector, so it is done once per distinct expert, not once per member,
+  # _TRIM_CHUNK experts at a time so the 32 counting passes stay in cache.
   trim_one = lambda u: _trim([s[u].astype(jnp.float32) - a0.astype(jnp.float32)
                               for a0, s in zip(leaves0, leaves_s)], k)
-  trimmed = _map_rows(trim_one, (uniq_U,), chunk_size)
+  trimmed = _map_rows(trim_one, (uniq_U,), min(_TRIM_CHUNK, chunk_size or _TRIM_CHUNK))
 
   def one(idx_M):
     return _finish(leaves0, leaves_s, treedef, _ties_merge([t[idx_M] for t in trimmed]), lam)
