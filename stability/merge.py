@@ -15,8 +15,28 @@ never merged (the caller pairs merged backbone g with each member's own head).
 
 Every merge is pure, jitted, `jax.vmap`-ed over groups and mapped over chunks of `chunk_size`
 groups (`jax.lax.map(..., batch_size=chunk_size)`; None = all groups in one vmap), so memory is
-O(chunk_size * M * |backbone|) however many groups there are. Inputs are validated on the host
+O(chunk_size * M * |backbone|) however many groups there are (default `CHUNK` = 64, or None for
+the linear merges, which materialise nothing beyond their output). Inputs are validated on the host
 before any compute; a bad input raises a one-line ValueError naming the field.
+
+API (every merge: `f(x0, stack, groups, ..., chunk_size=, tasks=)` -> backbone stack [G, ...]):
+  average, weighted_average, uniform_soup, task_arithmetic       linear
+  ties, dare (base = average | task_arithmetic | ties)            sparsifying
+  fisher (+ diag_fisher), regmean (+ gram_matrices)               statistics-weighted
+  adamerging (+ adamerging_coefficients), greedy_soup             data-driven, need a `Model`
+  slerp (M = 2), model_stock                                      geometric
+  ensemble        the non-merged reference: logits [G, M, N, C], not parameters
+  diagnostics     task-vector norms, cosines, sign conflicts, realised TIES/DARE sparsity
+  ALGORITHMS, get(name), merge(name, x0, stack, groups, **hparams)   registry
+`groups` must be concrete (it is validated on the host); `tasks` [E] (optional) gives each
+expert's task, and a group holding one task twice is an error. Data for data-dependent merges
+is per expert: x [E, N, H, W, C], y [E, N], mask [E, N] (1 = real row), num_classes [E], heads
+[E, ...] (each expert's own head).
+
+Throughput: outputs are fresh buffers; on Linux with THP in `madvise` mode, XLA's large CPU
+allocations fault in 4 kB pages, which can cost more than the merge itself (167 MB: ~100 ms).
+Start the process with GLIBC_TUNABLES=glibc.malloc.hugetlb=1 to get huge pages
+(benchmarks/merge_bench.py).
 
 RNG (DARE): group g draws all its keep masks at once, Bernoulli(1 - p) of shape [M, D] from
 fold_in(key, g), where g is the group's row in `groups` and D the backbone flattened in tree
@@ -29,12 +49,21 @@ import functools
 import math
 from typing import Any, Callable
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
+
+from stability.models import masked_logits, per_sample_loss
 
 Params = Any
 Array = jax.Array
+
+# Default groups per chunk for merges whose per-group intermediates are [M, ...] slabs of
+# member parameters (so memory is O(CHUNK * M * |backbone|)). Linear merges default to all
+# groups at once: XLA fuses their gathers into the output, so nothing larger is materialised.
+CHUNK = 64
 
 
 # ---------------------------------------------------------------------------------------------
@@ -351,7 +380,7 @@ def _unique(g: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def ties(x0: Params, stack: Params, groups: Any, *, k: float = 0.2, lam: float = 1.0,
-         chunk_size: int | None = None, tasks: Any = None) -> Params:
+         chunk_size: int | None = CHUNK, tasks: Any = None) -> Params:
   """TIES-merging (Yadav et al., NeurIPS 2023): trim, elect sign, disjoint merge.
 
   tau^_m = tau_m with all but its top-k fraction of magnitudes zeroed (global over the
@@ -414,7 +443,7 @@ def _dare(x0, stack, groups, w_GxM, key, p, lam, base, rescale, k, chunk_size):
 
 def dare(x0: Params, stack: Params, groups: Any, weights: Any = None, *, key: Any,
          p: float = 0.5, rescale: bool = True, base: str = "task_arithmetic",
-         lam: float | None = None, k: float = 0.2, chunk_size: int | None = None,
+         lam: float | None = None, k: float = 0.2, chunk_size: int | None = CHUNK,
          tasks: Any = None) -> Params:
   """DARE (Yu et al., ICML 2024, "Language Models are Super Mario"), then a base merge.
 
@@ -469,7 +498,7 @@ def _fisher(x0, stack, fishers, groups, w_GxM, eps, normalize, chunk_size):
 
 
 def fisher(x0: Params, stack: Params, groups: Any, weights: Any = None, *, fishers: Params,
-           eps: float = 1e-6, normalize: bool = True, chunk_size: int | None = None,
+           eps: float = 1e-6, normalize: bool = True, chunk_size: int | None = CHUNK,
            tasks: Any = None) -> Params:
   """Fisher merging (Matena & Raffel, NeurIPS 2022) with diagonal Fisher F_i:
 
@@ -499,8 +528,6 @@ def diag_fisher(model: Any, params: Params, x: Array, y: Array, num_classes: Arr
   labelled samples x [N, H, W, C], y [N]; mask [N] (1 = real, 0 = padding). Per-example
   gradients are vmapped (memory O(N * |backbone|)). Pure: `jax.vmap` it over experts.
   """
-  from stability.models import per_sample_loss
-
   def loss_one(backbone, xi, yi):
     l, _ = per_sample_loss(model, {"backbone": backbone, "head": params["head"]}, xi[None],
                            yi[None], num_classes)
@@ -524,8 +551,6 @@ def gram_matrices(model: Any, backbone: Params, x: Array, mask: Array | None = N
   mean, as in RegMean's code). Returns a dict mirroring the module paths, e.g.
   {'Dense_0': G [in, in]}. Pure: `jax.vmap` it over experts to get the `grams` stack.
   """
-  import flax.linen as nn
-
   sums: dict = {}
 
   def interceptor(next_fun, args, kwargs, context):
@@ -608,7 +633,7 @@ def _regmean(x0, stack, grams, groups, w_GxM, alpha, ridge, layout, chunk_size):
 
 
 def regmean(x0: Params, stack: Params, groups: Any, weights: Any = None, *, grams: Params,
-            alpha: float = 0.6, ridge: float = 1e-6, chunk_size: int | None = None,
+            alpha: float = 0.6, ridge: float = 1e-6, chunk_size: int | None = CHUNK,
             tasks: Any = None) -> Params:
   """RegMean (Jin et al., ICLR 2023, "Dataless Knowledge Fusion by Merging Weights").
 
@@ -660,7 +685,6 @@ def _check_data(E: int, x: Any, num_classes: Any, mask: Any, heads: Params,
 
 def _member_logits(model, backbone, heads_M, x_MxN, nc_M):
   """Masked logits [M, N, C] of one backbone with each member's head on its own inputs."""
-  from stability.models import masked_logits
   M, N = x_MxN.shape[:2]
   h = model.features(backbone, x_MxN.reshape((M * N,) + x_MxN.shape[2:]))
   h = h.reshape((M, N) + h.shape[1:])
@@ -679,7 +703,6 @@ _GRANULARITIES = ("task", "layer")
                                              "chunk_size"))
 def _adamerging(x0, stack, groups, heads, x, nc, mask, key, lr, init, model, granularity,
                 steps, batch_size, chunk_size):
-  import optax
   leaves0, leaves_s, treedef = _flat(x0, stack)
   L, M = len(leaves0), groups.shape[1]
   N = x.shape[1]
@@ -692,8 +715,9 @@ def _adamerging(x0, stack, groups, heads, x, nc, mask, key, lr, init, model, gra
 
     def entropy(lam, kb):
       lam_MxL = jnp.broadcast_to(lam.reshape(M, -1), (M, L))
-      merged = treedef.unflatten([a0.astype(jnp.float32) + jnp.sum(_bcast(lam_MxL[:, l], t) * t, 0)
-                                  for l, (a0, t) in enumerate(zip(leaves0, taus))])
+      merged = treedef.unflatten([
+          a0.astype(jnp.float32) + jnp.sum(_bcast(lam_MxL[:, l], t) * t, axis=0)
+          for l, (a0, t) in enumerate(zip(leaves0, taus))])
       rows = jax.vmap(lambda kk, pm: jax.random.choice(kk, N, (batch_size,), p=pm))(
           jax.random.split(kb, M), p_M)
       xb = jax.vmap(lambda xm, r: xm[r])(x_M, rows)
@@ -721,7 +745,7 @@ def adamerging_coefficients(x0: Params, stack: Params, groups: Any, *, model: An
                             heads: Params, x: Any, num_classes: Any, key: Any,
                             mask: Any = None, granularity: str = "task", steps: int = 500,
                             lr: float = 1e-3, batch_size: int = 16, init: float = 0.3,
-                            chunk_size: int | None = None, tasks: Any = None) -> Array:
+                            chunk_size: int | None = CHUNK, tasks: Any = None) -> Array:
   """AdaMerging coefficients: lam [G, M] (task-wise) or [G, M, L] (layer-wise, one per leaf).
 
   Minimises sum over member tasks t of the mean prediction entropy of the merged model
@@ -752,7 +776,7 @@ def adamerging_coefficients(x0: Params, stack: Params, groups: Any, *, model: An
 def adamerging(x0: Params, stack: Params, groups: Any, *, model: Any, heads: Params, x: Any,
                num_classes: Any, key: Any, mask: Any = None, granularity: str = "task",
                steps: int = 500, lr: float = 1e-3, batch_size: int = 16, init: float = 0.3,
-               chunk_size: int | None = None, tasks: Any = None) -> Params:
+               chunk_size: int | None = CHUNK, tasks: Any = None) -> Params:
   """AdaMerging (Yang et al., ICLR 2024): x = x0 + sum_m lam_m tau_m with lam learned by
   `adamerging_coefficients` (task-wise, or layer-wise = one lam per member and leaf)."""
   lam = adamerging_coefficients(x0, stack, groups, model=model, heads=heads, x=x,
@@ -805,7 +829,7 @@ def _greedy_soup(x0, stack, groups, heads, x, y, nc, mask, model, chunk_size):
 
 
 def greedy_soup(x0: Params, stack: Params, groups: Any, *, model: Any, heads: Params, x: Any,
-                y: Any, num_classes: Any, mask: Any = None, chunk_size: int | None = None,
+                y: Any, num_classes: Any, mask: Any = None, chunk_size: int | None = CHUNK,
                 tasks: Any = None, return_info: bool = False):
   """Greedy soup (Wortsman et al., ICML 2022, Algorithm 1) on held-out data.
 
@@ -835,7 +859,7 @@ def _ensemble(stack, groups, w_GxM, heads, x, nc, model, chunk_size):
 
 
 def ensemble(x0: Params, stack: Params, groups: Any, weights: Any = None, *, model: Any,
-             heads: Params, x: Any, num_classes: Any, chunk_size: int | None = None,
+             heads: Params, x: Any, num_classes: Any, chunk_size: int | None = CHUNK,
              tasks: Any = None) -> Array:
   """Logit ensemble, the non-merged reference: PREDICTIONS, not parameters.
 
@@ -876,7 +900,7 @@ def _slerp(x0, stack, groups, t, dot_threshold, eps, chunk_size):
 
 
 def slerp(x0: Params, stack: Params, groups: Any, *, t: float = 0.5,
-          dot_threshold: float = 0.9995, eps: float = 1e-8, chunk_size: int | None = None,
+          dot_threshold: float = 0.9995, eps: float = 1e-8, chunk_size: int | None = CHUNK,
           tasks: Any = None) -> Params:
   """Spherical interpolation of the two task vectors of each pair (M = 2), per leaf.
 
@@ -921,7 +945,7 @@ def _model_stock(x0, stack, groups, chunk_size):
   return _map_rows(one, (groups,), chunk_size)
 
 
-def model_stock(x0: Params, stack: Params, groups: Any, *, chunk_size: int | None = None,
+def model_stock(x0: Params, stack: Params, groups: Any, *, chunk_size: int | None = CHUNK,
                 tasks: Any = None) -> Params:
   """Model Stock (Jang et al., ECCV 2024), per leaf ("layer"):
 
@@ -979,7 +1003,7 @@ def _diagnostics(x0, stack, groups, key, p, k, with_dare, chunk_size):
 
 
 def diagnostics(x0: Params, stack: Params, groups: Any, *, k: float = 0.2, p: float = 0.5,
-                key: Any = None, chunk_size: int | None = None,
+                key: Any = None, chunk_size: int | None = CHUNK,
                 tasks: Any = None) -> dict[str, Array]:
   """Task-vector diagnostics per group (whole backbone flattened, D coordinates):
 

@@ -518,8 +518,8 @@ def test_adamerging_matches_per_group_loop(granularity, chunk):
     total = 0.0
     for m in range(2):
       i = rows[m]
-      xb = jnp.asarray(x)[i][jax.random.choice(keys[m], x.shape[1], (bs,),
-                                               p=jnp.asarray(mask)[i] / jnp.sum(jnp.asarray(mask)[i]))]
+      p_i = jnp.asarray(mask)[i] / jnp.sum(jnp.asarray(mask)[i])
+      xb = jnp.asarray(x)[i][jax.random.choice(keys[m], x.shape[1], (bs,), p=p_i)]
       logits = _ref_member_logits(model, merged, heads, [i], [xb], jnp.asarray(nc))[0]
       logp = jax.nn.log_softmax(logits)
       total = total + jnp.mean(-jnp.sum(jnp.exp(logp) * logp, -1))
@@ -554,7 +554,7 @@ def _ref_accuracy(model, backbone, heads, rows, x, y, nc, mask):
 
 
 def test_greedy_soup_matches_reference_and_never_loses_to_its_best_member():
-  model, x0, stack, heads, x, y, nc, mask = _setup(E=5, N=16, seed=1)
+  model, x0, stack, heads, x, y, nc, mask = _setup()
   groups = np.array([[0, 1, 2], [3, 4, 0], [2, 3, 4], [1, 3, 0]], np.int32)
   soup, info = merge.greedy_soup(x0, stack, groups, model=model, heads=heads, x=x, y=y,
                                  num_classes=nc, mask=mask, return_info=True, chunk_size=2)
@@ -608,59 +608,63 @@ def test_registry_dispatches_and_lists_names():
 
 
 def _bad_cases():
+  """(id, merge function, positional args, keyword args, expected message)."""
   x0, stack = _trees()
   other = {**x0, "extra": np.zeros(2, np.float32)}
   wrong_shape = jax.tree.map(lambda s: s[..., :1] if s.ndim > 2 else s, stack)
+  short_e = {**stack, "Conv_0": {"kernel": stack["Conv_0"]["kernel"][:3]}}
   key = jax.random.key(0)
   tasks = np.array([0, 1, 2, 0, 1, 2, 3])
-  G = _grams(7, 0)
+  G = _grams(7, 0)["Dense_0"]
+  base = (x0, stack, GROUPS)
+  pairs = (x0, stack, GROUPS[:, :2])
+  avg, ties, dare, regmean = merge.average, merge.ties, merge.dare, merge.regmean
   return [
-      ("structure", lambda: merge.average(other, stack, GROUPS), r"stack: tree structure"),
-      ("shape", lambda: merge.average(x0, wrong_shape, GROUPS), r"stack: leaf .* has shape"),
-      ("E", lambda: merge.average(x0, {**stack, "Conv_0": {"kernel": stack["Conv_0"]["kernel"][:3]}},
-                                  GROUPS), r"stack: leaves disagree on the expert axis E"),
-      ("M=0", lambda: merge.average(x0, stack, np.zeros((2, 0), np.int32)), r"groups: empty group"),
-      ("1-D", lambda: merge.average(x0, stack, np.array([0, 1])), r"groups: must be a 2-D integer"),
-      ("float", lambda: merge.average(x0, stack, GROUPS * 1.0), r"groups: must be a 2-D integer"),
-      ("range", lambda: merge.average(x0, stack, GROUPS + 1), r"groups: indices must lie in \[0, E=7\)"),
-      ("negative", lambda: merge.ties(x0, stack, -GROUPS), r"groups: indices must lie"),
-      ("repeat", lambda: merge.average(x0, stack, GROUPS, tasks=tasks),
-       r"groups: group 2 repeats a task"),
-      ("tasks", lambda: merge.average(x0, stack, GROUPS, tasks=tasks[:3]), r"tasks: must be"),
-      ("weights", lambda: merge.average(x0, stack, GROUPS, np.ones((4, 2))), r"weights: must have shape"),
-      ("weights<0", lambda: merge.average(x0, stack, GROUPS, -np.ones((4, 3))), r"weights: an average"),
-      ("lam", lambda: merge.task_arithmetic(x0, stack, GROUPS, lam=-0.1), r"lam: must be in \[0"),
-      ("lam nan", lambda: merge.ties(x0, stack, GROUPS, lam=float("nan")), r"lam: must be"),
-      ("k=0", lambda: merge.ties(x0, stack, GROUPS, k=0.0), r"k: must be in \(0.0, 1.0\]"),
-      ("k=20", lambda: merge.ties(x0, stack, GROUPS, k=20), r"k: must be in \(0.0, 1.0\]"),
-      ("p=1", lambda: merge.dare(x0, stack, GROUPS, key=key, p=1.0), r"p: must be in \[0.0, 1.0\)"),
-      ("p<0", lambda: merge.dare(x0, stack, GROUPS, key=key, p=-0.1), r"p: must be in"),
-      ("key", lambda: merge.dare(x0, stack, GROUPS, key=None), r"key: .*explicit jax.random key"),
-      ("base", lambda: merge.dare(x0, stack, GROUPS, key=key, base="fisher"),
+      ("structure", avg, (other, stack, GROUPS), {}, r"stack: tree structure"),
+      ("shape", avg, (x0, wrong_shape, GROUPS), {}, r"stack: leaf .* has shape"),
+      ("E", avg, (x0, short_e, GROUPS), {}, r"stack: leaves disagree on the expert axis E"),
+      ("M=0", avg, (x0, stack, np.zeros((2, 0), np.int32)), {}, r"groups: empty group \(M=0\)"),
+      ("1-D", avg, (x0, stack, np.array([0, 1])), {}, r"groups: must be a 2-D integer"),
+      ("float", avg, (x0, stack, GROUPS * 1.0), {}, r"groups: must be a 2-D integer"),
+      ("range", avg, (x0, stack, GROUPS + 1), {}, r"groups: indices must lie in \[0, E=7\)"),
+      ("negative", ties, (x0, stack, -GROUPS), {}, r"groups: indices must lie"),
+      ("repeat", avg, base, {"tasks": tasks}, r"groups: group 2 repeats a task"),
+      ("tasks", avg, base, {"tasks": tasks[:3]}, r"tasks: must be an int array of shape"),
+      ("weights", avg, base, {"weights": np.ones((4, 2))}, r"weights: must have shape"),
+      ("weights<0", avg, base, {"weights": -np.ones((4, 3))}, r"weights: an average needs"),
+      ("lam", merge.task_arithmetic, base, {"lam": -0.1}, r"lam: must be in \[0"),
+      ("lam nan", ties, base, {"lam": float("nan")}, r"lam: must be"),
+      ("k=0", ties, base, {"k": 0.0}, r"k: must be in \(0.0, 1.0\]"),
+      ("k=20", ties, base, {"k": 20}, r"k: must be in \(0.0, 1.0\]"),
+      ("p=1", dare, base, {"key": key, "p": 1.0}, r"p: must be in \[0.0, 1.0\)"),
+      ("p<0", dare, base, {"key": key, "p": -0.1}, r"p: must be in"),
+      ("key", dare, base, {"key": None}, r"key: .*explicit jax.random key"),
+      ("base", dare, base, {"key": key, "base": "fisher"},
        r"base: unknown DARE base merge 'fisher'; allowed: average, task_arithmetic, ties"),
-      ("t", lambda: merge.slerp(x0, stack, GROUPS[:, :2], t=1.5), r"t: must be in \[0.0, 1.0\]"),
-      ("pairs", lambda: merge.slerp(x0, stack, GROUPS), r"groups: slerp merges pairs \(M=2\)"),
-      ("stock M", lambda: merge.model_stock(x0, stack, GROUPS[:, :1]), r"groups: model_stock needs M >= 2"),
-      ("alpha", lambda: merge.regmean(x0, stack, GROUPS, grams=G, alpha=2.0), r"alpha: must be in"),
-      ("grams", lambda: merge.regmean(x0, stack, GROUPS, grams={"Dense_9": G["Dense_0"]}),
-       r"grams: Dense_9 names no Dense kernel"),
-      ("gram shape", lambda: merge.regmean(x0, stack, GROUPS, grams={"Dense_0": G["Dense_0"][:, :3, :3]}),
+      ("t", merge.slerp, pairs, {"t": 1.5}, r"t: must be in \[0.0, 1.0\]"),
+      ("pairs", merge.slerp, base, {}, r"groups: slerp merges pairs \(M=2\)"),
+      ("stock M", merge.model_stock, (x0, stack, GROUPS[:, :1]), {},
+       r"groups: model_stock needs M >= 2"),
+      ("alpha", regmean, base, {"grams": {"Dense_0": G}, "alpha": 2.0}, r"alpha: must be in"),
+      ("grams", regmean, base, {"grams": {"Dense_9": G}}, r"grams: Dense_9 names no Dense"),
+      ("gram shape", regmean, base, {"grams": {"Dense_0": G[:, :3, :3]}},
        r"grams: Dense_0 has shape"),
-      ("fishers", lambda: merge.fisher(x0, stack, GROUPS, fishers=jax.tree.map(lambda s: -s, stack)),
+      ("fishers", merge.fisher, base, {"fishers": jax.tree.map(lambda s: -s, stack)},
        r"fishers: must be finite and >= 0"),
-      ("chunk", lambda: merge.average(x0, stack, GROUPS, chunk_size=0), r"chunk_size: must be"),
+      ("chunk", avg, base, {"chunk_size": 0}, r"chunk_size: must be a positive int or None"),
+      ("name", merge.merge, ("mean",) + base, {}, r"algorithm: unknown merge 'mean'; allowed:"),
   ]
 
 
 @pytest.mark.parametrize("case", range(len(_bad_cases())),
                          ids=[c[0] for c in _bad_cases()])
 def test_bad_inputs_raise_a_clear_value_error(case, monkeypatch):
-  name, call, message = _bad_cases()[case]
+  _, fn, args, kwargs, message = _bad_cases()[case]
   # Validation happens before any compute: nothing may be jitted on the way to the error.
-  for fn in ("_linear", "_ties", "_dare", "_fisher", "_regmean", "_slerp", "_model_stock"):
-    monkeypatch.setattr(merge, fn, lambda *a, **k: pytest.fail("computed before validating"))
+  for private in ("_linear", "_ties", "_dare", "_fisher", "_regmean", "_slerp", "_model_stock"):
+    monkeypatch.setattr(merge, private, lambda *a, **k: pytest.fail("computed before validating"))
   with pytest.raises(ValueError, match=message):
-    call()
+    fn(*args, **kwargs)
 
 
 def test_data_dependent_bad_inputs():
