@@ -471,7 +471,7 @@ def dare(x0: Params, stack: Params, groups: Any, weights: Any = None, *, key: An
     lam = _check_scalar("lam", lam, 0.0, math.inf, what=" (finite)")
     w = _check_weights(weights, g.shape, average=False)
   return _dare(x0, stack, jnp.asarray(g), jnp.asarray(w), key, jnp.float32(p),
-               jnp.float32(lam), base, bool(rescale), k, chunk_size)
+               jnp.float32(lam), base, bool(rescale), k if base == "ties" else 1.0, chunk_size)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1057,5 +1057,6 @@ def get(name: str) -> Callable[..., Params]:
 
 
 def merge(name: str, x0: Params, stack: Params, groups: Any, **hparams) -> Params:
-  """Dispatches to `get(name)(x0, stack, groups, **hparams)`; returns leaves [G, ...]."""
+  """`get(name)(x0, stack, groups, **hparams)`: hparams are that function's keyword arguments
+  (e.g. weights, lam, k, p, key, chunk_size); returns the merged backbones, leaves [G, ...]."""
   return get(name)(x0, stack, groups, **hparams)
