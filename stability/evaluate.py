@@ -36,8 +36,8 @@ class EvalData:
     return cls(*(jnp.asarray(v) for v in (a.x_pool, a.y_pool, a.x_test, a.y_test, a.n_test)))
 
 
-def _mean_over(model, params, x_all, y_all, rows, count, num_classes, block):
-  """Mean loss and accuracy of one model over rows[:count] of (x_all, y_all), in blocks."""
+def _blocks(model, params, x_all, y_all, rows, count, num_classes, block, reduce):
+  """`reduce(loss, correct, valid)` of one model per block of `block` rows of rows[:count]."""
   R = rows.shape[0]
   nb = -(-R // block)
   rows = jnp.concatenate([rows, jnp.zeros((nb * block - R,), rows.dtype)]).reshape(nb, block)
@@ -46,9 +46,16 @@ def _mean_over(model, params, x_all, y_all, rows, count, num_classes, block):
   def one(args):
     r, v = args
     loss, correct = models_lib.per_sample_loss(model, params, x_all[r], y_all[r], num_classes)
-    return jnp.sum(jnp.where(v, loss, 0.0)), jnp.sum(jnp.where(v, correct, 0))
+    return reduce(loss, correct, v)
 
-  loss, correct = jax.lax.map(one, (rows, valid))
+  return jax.lax.map(one, (rows, valid))
+
+
+def _mean_over(model, params, x_all, y_all, rows, count, num_classes, block):
+  """Mean loss and accuracy of one model over rows[:count] of (x_all, y_all), in blocks."""
+  loss, correct = _blocks(model, params, x_all, y_all, rows, count, num_classes, block,
+                          lambda l, c, v: (jnp.sum(jnp.where(v, l, 0.0)),
+                                           jnp.sum(jnp.where(v, c, 0))))
   return jnp.sum(loss) / count, jnp.sum(correct) / count
 
 
@@ -66,6 +73,17 @@ def evaluate_one(model: models_lib.Model, params, expert: experts_lib.Experts, d
               gap=te_loss - tr_loss)
 
 
+def test_losses_one(model: models_lib.Model, params, expert: experts_lib.Experts,
+                    data: EvalData, block: int = 256) -> jax.Array:
+  """Per-sample test losses [P] of ONE model on its task's test pool (0 beyond n_test)."""
+  t = expert.task
+  P = data.x_test.shape[1]
+  loss = _blocks(model, params, data.x_test[t], data.y_test[t], jnp.arange(P, dtype=jnp.int32),
+                 data.n_test[t], expert.num_classes, block,
+                 lambda l, c, v: jnp.where(v, l, 0.0))
+  return loss.reshape(-1)[:P]
+
+
 @functools.partial(jax.jit, static_argnums=(0, 4))
 def _evaluate(model, params, experts, data, block):
   return jax.vmap(evaluate_one, in_axes=(None, 0, 0, None, None))(model, params, experts, data,
@@ -75,13 +93,28 @@ def _evaluate(model, params, experts, data, block):
 def evaluate(model: models_lib.Model, params, experts: experts_lib.Experts, data: EvalData, *,
              mesh: jax.sharding.Mesh | None = None, block: int = 256) -> dict[str, np.ndarray]:
   """Metrics [E] of a stack of models; row e is evaluated on expert e's subset and task."""
+  return _sharded_call(_evaluate, model, params, experts, data, mesh, block)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 4))
+def _test_losses(model, params, experts, data, block):
+  return jax.vmap(test_losses_one, in_axes=(None, 0, 0, None, None))(model, params, experts,
+                                                                     data, block)
+
+
+def _sharded_call(fn, model, params, experts, data, mesh, block):
   mesh = mesh if mesh is not None else sharding_lib.expert_mesh()
   E = experts.size
   params = sharding_lib.shard(sharding_lib.pad_tree(params, mesh.size), mesh)
   experts = sharding_lib.shard(sharding_lib.pad_tree(experts, mesh.size), mesh)
   data = sharding_lib.replicate(data, mesh)
-  out = _evaluate(model, params, experts, data, block)
-  return {k: np.asarray(v)[:E] for k, v in out.items()}
+  return jax.tree.map(lambda v: np.asarray(v)[:E], fn(model, params, experts, data, block))
+
+
+def test_losses(model: models_lib.Model, params, experts: experts_lib.Experts, data: EvalData, *,
+                mesh: jax.sharding.Mesh | None = None, block: int = 256) -> np.ndarray:
+  """Per-sample test losses [E, P] of a stack (row e on expert e's task; 0 beyond n_test)."""
+  return _sharded_call(_test_losses, model, params, experts, data, mesh, block)
 
 
 def member_params(merged_backbones, heads, groups: np.ndarray) -> Any:

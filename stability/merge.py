@@ -38,10 +38,11 @@ allocations fault in 4 kB pages, which can cost more than the merge itself (167 
 Start the process with GLIBC_TUNABLES=glibc.malloc.hugetlb=1 to get huge pages
 (benchmarks/merge_bench.py).
 
-RNG (DARE): group g draws all its keep masks at once, Bernoulli(1 - p) of shape [M, D] from
-fold_in(key, g), where g is the group's row in `groups` and D the backbone flattened in tree
-order (row m = member m); so results do not depend on chunk_size, and a stability twin merged
-with the same key and group index gets the same masks.
+RNG (DARE, AdaMerging): group g draws all its keep masks at once, Bernoulli(1 - p) of shape
+[M, D] from fold_in(key, id_g), where id_g = group_ids[g] (default: g, the group's row) and D the
+backbone flattened in tree order (row m = member m); so results do not depend on chunk_size, and
+a stability twin group given its original group's id gets the same masks (and AdaMerging the
+same minibatches).
 """
 from __future__ import annotations
 
@@ -164,6 +165,17 @@ def _check_chunk(chunk_size: Any) -> int | None:
       or chunk_size < 1:
     raise ValueError(f"chunk_size: must be a positive int or None, got {chunk_size!r}")
   return int(chunk_size)
+
+
+def _group_ids(group_ids: Any, g: np.ndarray) -> Array:
+  """RNG ids [G] of the groups (default: their rows); a twin group passes its original's id."""
+  if group_ids is None:
+    return jnp.arange(g.shape[0], dtype=jnp.int32)
+  ids = np.asarray(group_ids)
+  if ids.shape != (g.shape[0],) or not np.issubdtype(ids.dtype, np.integer) or ids.min() < 0:
+    raise ValueError(f"group_ids: must be non-negative ints of shape [G]=({g.shape[0]},), got "
+                     f"shape {ids.shape} dtype {ids.dtype}")
+  return jnp.asarray(ids, jnp.int32)
 
 
 def _prepare(x0, stack, groups, tasks, chunk_size):
@@ -421,7 +433,7 @@ _DARE_BASES = ("average", "task_arithmetic", "ties")
 
 
 @functools.partial(jax.jit, static_argnames=("base", "rescale", "k", "chunk_size"))
-def _dare(x0, stack, groups, w_GxM, key, p, lam, base, rescale, k, chunk_size):
+def _dare(x0, stack, groups, gidx, w_GxM, key, p, lam, base, rescale, k, chunk_size):
   leaves0, leaves_s, treedef = _flat(x0, stack)
   M = groups.shape[1]
   shapes = [a0.shape for a0 in leaves0]
@@ -437,14 +449,13 @@ def _dare(x0, stack, groups, w_GxM, key, p, lam, base, rescale, k, chunk_size):
     delta = [jnp.sum(_bcast(w_M, t) * t, axis=0) for t in taus]
     return _finish(leaves0, leaves_s, treedef, delta, lam)
 
-  gidx = jnp.arange(groups.shape[0], dtype=jnp.int32)
   return _map_rows(one, (gidx, groups, w_GxM), chunk_size)
 
 
 def dare(x0: Params, stack: Params, groups: Any, weights: Any = None, *, key: Any,
          p: float = 0.5, rescale: bool = True, base: str = "task_arithmetic",
          lam: float | None = None, k: float = 0.2, chunk_size: int | None = CHUNK,
-         tasks: Any = None) -> Params:
+         tasks: Any = None, group_ids: Any = None) -> Params:
   """DARE (Yu et al., ICML 2024, "Language Models are Super Mario"), then a base merge.
 
   tau~_m = m_m * tau_m / (1 - p) with m_m ~ Bernoulli(1 - p) i.i.d. per entry (no 1/(1-p) if
@@ -470,7 +481,8 @@ def dare(x0: Params, stack: Params, groups: Any, weights: Any = None, *, key: An
     lam = {"task_arithmetic": 0.3, "ties": 1.0}[base] if lam is None else lam
     lam = _check_scalar("lam", lam, 0.0, math.inf, what=" (finite)")
     w = _check_weights(weights, g.shape, average=False)
-  return _dare(x0, stack, jnp.asarray(g), jnp.asarray(w), key, jnp.float32(p),
+  return _dare(x0, stack, jnp.asarray(g), _group_ids(group_ids, g), jnp.asarray(w), key,
+               jnp.float32(p),
                jnp.float32(lam), base, bool(rescale), k if base == "ties" else 1.0, chunk_size)
 
 
@@ -701,7 +713,7 @@ _GRANULARITIES = ("task", "layer")
 
 @functools.partial(jax.jit, static_argnames=("model", "granularity", "steps", "batch_size",
                                              "chunk_size"))
-def _adamerging(x0, stack, groups, heads, x, nc, mask, key, lr, init, model, granularity,
+def _adamerging(x0, stack, groups, gidx, heads, x, nc, mask, key, lr, init, model, granularity,
                 steps, batch_size, chunk_size):
   leaves0, leaves_s, treedef = _flat(x0, stack)
   L, M = len(leaves0), groups.shape[1]
@@ -737,7 +749,6 @@ def _adamerging(x0, stack, groups, heads, x, nc, mask, key, lr, init, model, gra
     (lam, _), _ = jax.lax.scan(step, (lam0, opt.init(lam0)), jnp.arange(steps))
     return lam
 
-  gidx = jnp.arange(groups.shape[0], dtype=jnp.int32)
   return _map_rows(one, (gidx, groups), chunk_size)
 
 
@@ -745,7 +756,8 @@ def adamerging_coefficients(x0: Params, stack: Params, groups: Any, *, model: An
                             heads: Params, x: Any, num_classes: Any, key: Any,
                             mask: Any = None, granularity: str = "task", steps: int = 500,
                             lr: float = 1e-3, batch_size: int = 16, init: float = 0.3,
-                            chunk_size: int | None = CHUNK, tasks: Any = None) -> Array:
+                            chunk_size: int | None = CHUNK, tasks: Any = None,
+                            group_ids: Any = None) -> Array:
   """AdaMerging coefficients: lam [G, M] (task-wise) or [G, M, L] (layer-wise, one per leaf).
 
   Minimises sum over member tasks t of the mean prediction entropy of the merged model
@@ -768,7 +780,8 @@ def adamerging_coefficients(x0: Params, stack: Params, groups: Any, *, model: An
       raise ValueError(f"{name}: must be a positive int, got {v!r}")
   lr = _check_scalar("lr", lr, 0.0, math.inf, lo_open=True, what=" (finite)")
   init = _check_scalar("init", init, 0.0, 1.0)
-  return _adamerging(x0, stack, jnp.asarray(g), heads, x, nc, m, key, jnp.float32(lr),
+  return _adamerging(x0, stack, jnp.asarray(g), _group_ids(group_ids, g), heads, x, nc, m, key,
+                     jnp.float32(lr),
                      jnp.float32(init), model, granularity, int(steps), int(batch_size),
                      chunk_size)
 
@@ -776,14 +789,15 @@ def adamerging_coefficients(x0: Params, stack: Params, groups: Any, *, model: An
 def adamerging(x0: Params, stack: Params, groups: Any, *, model: Any, heads: Params, x: Any,
                num_classes: Any, key: Any, mask: Any = None, granularity: str = "task",
                steps: int = 500, lr: float = 1e-3, batch_size: int = 16, init: float = 0.3,
-               chunk_size: int | None = CHUNK, tasks: Any = None) -> Params:
+               chunk_size: int | None = CHUNK, tasks: Any = None,
+               group_ids: Any = None) -> Params:
   """AdaMerging (Yang et al., ICLR 2024): x = x0 + sum_m lam_m tau_m with lam learned by
   `adamerging_coefficients` (task-wise, or layer-wise = one lam per member and leaf)."""
   lam = adamerging_coefficients(x0, stack, groups, model=model, heads=heads, x=x,
                                 num_classes=num_classes, key=key, mask=mask,
                                 granularity=granularity, steps=steps, lr=lr,
                                 batch_size=batch_size, init=init, chunk_size=chunk_size,
-                                tasks=tasks)
+                                tasks=tasks, group_ids=group_ids)
   g = np.asarray(groups, np.int32)
   L = _num_leaves(x0)
   lam = jnp.broadcast_to(lam.reshape(lam.shape[:2] + (-1,)), lam.shape[:2] + (L,))
@@ -965,7 +979,7 @@ def model_stock(x0: Params, stack: Params, groups: Any, *, chunk_size: int | Non
 # Task-vector diagnostics.
 
 @functools.partial(jax.jit, static_argnames=("k", "with_dare", "chunk_size"))
-def _diagnostics(x0, stack, groups, key, p, k, with_dare, chunk_size):
+def _diagnostics(x0, stack, groups, gidx, key, p, k, with_dare, chunk_size):
   leaves0, leaves_s, _ = _flat(x0, stack)
   M = groups.shape[1]
   D = sum(a.size for a in leaves0)
@@ -998,13 +1012,12 @@ def _diagnostics(x0, stack, groups, key, p, k, with_dare, chunk_size):
                                        for mk in masks) / D
     return out
 
-  gidx = jnp.arange(groups.shape[0], dtype=jnp.int32)
   return _map_rows(one, (gidx, groups), chunk_size)
 
 
 def diagnostics(x0: Params, stack: Params, groups: Any, *, k: float = 0.2, p: float = 0.5,
                 key: Any = None, chunk_size: int | None = CHUNK,
-                tasks: Any = None) -> dict[str, Array]:
+                tasks: Any = None, group_ids: Any = None) -> dict[str, Array]:
   """Task-vector diagnostics per group (whole backbone flattened, D coordinates):
 
     tau_norm [G, M]            ||tau_m||
@@ -1022,7 +1035,8 @@ def diagnostics(x0: Params, stack: Params, groups: Any, *, k: float = 0.2, p: fl
   p = _check_scalar("p", p, 0.0, 1.0, hi_open=True, what=" (drop rate)")
   with_dare = key is not None
   key = _check_key(key) if with_dare else jax.random.key(0)
-  return _diagnostics(x0, stack, jnp.asarray(g), key, jnp.float32(p), k, with_dare, chunk_size)
+  return _diagnostics(x0, stack, jnp.asarray(g), _group_ids(group_ids, g), key,
+                      jnp.float32(p), k, with_dare, chunk_size)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -55,9 +55,11 @@ class Model:
   name: str
   backbone: nn.Module
   head: nn.Module
+  loss: str = "cross_entropy"  # a key of LOSSES
 
   def init_backbone(self, key: jax.Array, image_shape: tuple[int, ...]) -> Params:
-    return self.backbone.init(key, jnp.zeros((1,) + tuple(image_shape)))["params"]
+    # A parameter-free backbone (the `linear` model) has an empty params tree.
+    return self.backbone.init(key, jnp.zeros((1,) + tuple(image_shape))).get("params", {})
 
   def init_head(self, key: jax.Array, backbone: Params, image_shape: tuple[int, ...]) -> Params:
     h = jax.eval_shape(self.features, backbone, jnp.zeros((1,) + tuple(image_shape)))
@@ -77,13 +79,30 @@ def masked_logits(logits: jax.Array, num_classes: jax.Array) -> jax.Array:
   return jnp.where(valid, logits, _NEG)
 
 
+def _cross_entropy(logits, y, num_classes):
+  logp = jax.nn.log_softmax(masked_logits(logits, num_classes))
+  return -jnp.take_along_axis(logp, y[:, None], axis=-1)[:, 0]
+
+
+def _squared(logits, y, num_classes):
+  # 0.5 * ||logits - onehot(y)||^2 over the task's classes: least squares on one-hot targets.
+  valid = jnp.arange(logits.shape[-1]) < num_classes
+  target = jax.nn.one_hot(y, logits.shape[-1], dtype=logits.dtype)
+  return 0.5 * jnp.sum(jnp.where(valid, (logits - target) ** 2, 0.0), axis=-1)
+
+
+LOSSES: dict[str, Callable[[jax.Array, jax.Array, jax.Array], jax.Array]] = {
+    "cross_entropy": _cross_entropy,
+    "squared": _squared,
+}
+
+
 def per_sample_loss(model: Model, params: Params, x: jax.Array, y: jax.Array,
                     num_classes: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """Cross-entropy [N] and correctness [N] of one model on a batch of its task."""
-  logits = masked_logits(model.apply(params, x), num_classes)
-  logp = jax.nn.log_softmax(logits)
-  loss = -jnp.take_along_axis(logp, y[:, None], axis=-1)[:, 0]
-  return loss, (jnp.argmax(logits, -1) == y)
+  """Loss [N] (`model.loss`) and correctness [N] of one model on a batch of its task."""
+  logits = model.apply(params, x)
+  loss = LOSSES[model.loss](logits, y, num_classes)
+  return loss, (jnp.argmax(masked_logits(logits, num_classes), -1) == y)
 
 
 _MODELS: dict[str, Callable[..., Model]] = {
@@ -91,6 +110,9 @@ _MODELS: dict[str, Callable[..., Model]] = {
         "mlp", MLPBackbone(tuple(widths)), Head(num_classes)),
     "cnn": lambda num_classes, channels=(16, 32), width=64: Model(
         "cnn", CNNBackbone(tuple(channels), width), Head(num_classes)),
+    # Parameter-free backbone (flatten) + linear head: a convex model (logistic regression with
+    # cross-entropy, least squares with the squared loss); everything lives in the head.
+    "linear": lambda num_classes: Model("linear", MLPBackbone(()), Head(num_classes)),
 }
 
 
@@ -102,7 +124,9 @@ def model_names() -> tuple[str, ...]:
   return tuple(sorted(_MODELS))
 
 
-def get_model(name: str, num_classes: int, **kwargs) -> Model:
+def get_model(name: str, num_classes: int, *, loss: str = "cross_entropy", **kwargs) -> Model:
   if name not in _MODELS:
     raise ValueError(f"model.name: unknown model {name!r}; allowed: {', '.join(model_names())}")
-  return _MODELS[name](num_classes, **kwargs)
+  if loss not in LOSSES:
+    raise ValueError(f"model.loss: unknown loss {loss!r}; allowed: {', '.join(LOSSES)}")
+  return dataclasses.replace(_MODELS[name](num_classes, **kwargs), loss=loss)
