@@ -38,8 +38,94 @@ def merged_vs_K(df: pd.DataFrame, path: str | None = None):
     ax.set_title(title)
     ax.grid(alpha=0.3)
   axes[0].legend()
+  return _finish(fig, path)
+
+
+def _finish(fig, path):
   fig.tight_layout()
   if path:
     fig.savefig(path, dpi=120)
     plt.close(fig)
   return fig
+
+
+def _errorbar(ax, est: pd.DataFrame, x: str, label: str):
+  """Mean with its 95% t-interval (columns of `twins.estimate_table`)."""
+  lo = (est["mean"] - est["ci_lo"]).clip(lower=0)
+  hi = est["ci_hi"] - est["mean"]
+  ax.errorbar(est[x], est["mean"], yerr=[lo, hi], marker="o", capsize=3, label=label)
+
+
+def stability_vs_hparams(df: pd.DataFrame, path: str | None = None):
+  """Expert L2 stability eps^2 = E_j ||x_K - x_K^(j)||^2 (full parameters) against K, one panel
+  per hyperparameter (eta, b, data ratio: the others pooled), and the loss stability against K
+  per eta. Error bars: 95% t-intervals over the twins (tasks x seeds x sampled j)."""
+  from stability import twins  # plots import the estimator, never the other way round
+  tw = df[(df["kind"] == "expert") & (df["role"] == "twin")]
+  fig, axes = plt.subplots(1, 4, figsize=(17, 3.8))
+  panels = [("eta", "sq_full", "eps^2 by eta"), ("b", "sq_full", "eps^2 by b"),
+            ("data_ratio", "sq_full", "eps^2 by data ratio (n)"),
+            ("eta", "loss_stab", "test loss stability |f(x)-f(x')| by eta")]
+  for ax, (var, col, title) in zip(axes, panels):
+    for v, est in twins.estimate_table(tw, [var, "K"], col).groupby(var):
+      _errorbar(ax, est, "K", f"{var}={v:g}")
+    ax.set_yscale("log")
+    ax.set_xlabel("K (steps)")
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+  return _finish(fig, path)
+
+
+def merged_stability_vs_M(df: pd.DataFrame, path: str | None = None):
+  """Merged-model stability E ||x_avg - x_avg^(i,j)||^2 (backbone) against the number of merged
+  experts M, one line per merge, with the member mean / M^2 reference (the simple average's
+  prediction); right: the ratio merged / member against M. Log-log; 95% t-intervals."""
+  from stability import twins
+  mt = df[(df["kind"] == "merged_twin") & (df["role"] == "twin")]
+  fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+  Kmax = mt["K"].max()
+  mt = mt[mt["K"] == Kmax]
+  for name, sub in mt.groupby("algorithm"):
+    _errorbar(axes[0], twins.estimate_table(sub, ["M"], "sq_backbone"), "M", name)
+    r = sub.groupby("M").sq_backbone.mean() / sub.groupby("M").member_sq_backbone.mean()
+    axes[1].plot(r.index, r.values, marker="o", label=name)
+  member = mt.groupby("M").member_sq_backbone.mean()
+  Ms = member.index.to_numpy(float)
+  axes[0].plot(Ms, member.values / Ms ** 2, "k--", label="member mean / M^2")
+  axes[1].plot(Ms, 1 / Ms ** 2, "k--", label="1/M^2")
+  for ax, t in zip(axes, [f"merged eps^2 (backbone), K={Kmax}", "merged / member eps^2"]):
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xticks(Ms, [f"{m:g}" for m in Ms])
+    ax.minorticks_off()
+    ax.set_xlabel("M (experts merged)")
+    ax.set_title(t, fontsize=10)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+  return _finish(fig, path)
+
+
+def merged_vs_members(df: pd.DataFrame, path: str | None = None):
+  """Per merge group (config x group x K): merged-model eps^2 against the mean eps^2 of its
+  members' twins (backbone), one panel per merge, with the line merged = member / M^2."""
+  mt = df[(df["kind"] == "merged_twin") & (df["role"] == "twin")]
+  per = mt.groupby(["algorithm", "M", "config", "group", "K"])[
+      ["sq_backbone", "member_sq_backbone"]].mean().reset_index()
+  names = sorted(per["algorithm"].unique())
+  fig, axes = plt.subplots(1, len(names), figsize=(4.2 * len(names), 4), squeeze=False)
+  for ax, name in zip(axes[0], names):
+    sub = per[per["algorithm"] == name]
+    for K, s in sub.groupby("K"):
+      ax.scatter(s["member_sq_backbone"], s["sq_backbone"], s=12, alpha=0.7, label=f"K={K}")
+    x = np.geomspace(sub["member_sq_backbone"].min(), sub["member_sq_backbone"].max(), 10)
+    for M in sorted(sub["M"].unique()):
+      ax.plot(x, x / M ** 2, "k--", lw=1, label=f"member / M^2 (M={M})")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("mean member eps^2")
+    ax.set_ylabel("merged eps^2")
+    ax.set_title(name, fontsize=10)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7)
+  return _finish(fig, path)

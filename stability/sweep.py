@@ -11,11 +11,12 @@ Row kinds: `expert` (one per expert x K), `merged_task` (one per group x config 
 """
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import os
 import time
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import ml_collections
@@ -32,6 +33,8 @@ from stability import pretrain as pretrain_lib
 from stability import results as results_lib
 from stability import tasks as tasks_lib
 from stability import train as train_lib
+from stability import twins as twins_lib
+from theory import fit as fit_lib
 
 log = logging.getLogger(__name__)
 
@@ -105,26 +108,41 @@ def base_backbone(cfg: ml_collections.ConfigDict, suite, model):
       weight_decay=p.weight_decay, optimizer=p.optimizer, seed=cfg.seed)
 
 
-def run_main(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-  """Runs the main job into `workdir`; returns a summary dict (also written as summary.json)."""
-  t_start = time.time()
-  validate(cfg)
-  suite = tasks_lib.get_suite(cfg.data.suite, cfg.seed)
-  spec, configs, task_ids = build_grid(cfg, suite)
-  group_pos = make_groups(len(task_ids), cfg.sweep.group_size, cfg.sweep.num_groups)
-  T = len(task_ids)
-  # Expert row of (config c, task position t) is c * T + t.
-  groups = np.concatenate([c * T + group_pos for c in range(len(configs))])
-  group_cfg = np.repeat(np.arange(len(configs)), len(group_pos))
-  group_id = np.tile(np.arange(len(group_pos)), len(configs))
+def config_groups(num_configs: int, T: int, M: int, G: int):
+  """Groups of expert rows for every config: the same G task groups (seeds 0..G-1) per config.
 
+  Expert row of (config c, task position t) is c * T + t. Returns groups [C*G, M], the config
+  of each group [C*G] and its group id [C*G].
+  """
+  group_pos = make_groups(T, M, G)
+  groups = np.concatenate([c * T + group_pos for c in range(num_configs)])
+  return (groups, np.repeat(np.arange(num_configs), G), np.tile(np.arange(G), num_configs))
+
+
+@dataclasses.dataclass
+class Context:
+  """What a study's per-milestone function needs besides the snapshot."""
+  suite: tasks_lib.Suite
+  model: models_lib.Model
+  backbone0: Any
+  arrays: tasks_lib.TaskArrays
+  data: evaluate_lib.EvalData
+  common: dict
+
+
+def train_milestones(cfg: ml_collections.ConfigDict, workdir: str, suite: tasks_lib.Suite,
+                     spec: experts_lib.Experts,
+                     rows_at: Callable[[int, train_lib.TrainState, Context], list[dict]]
+                     ) -> dict[str, Any] | None:
+  """Trains `spec` from the pretrained base and stores `rows_at(K, snapshot, ctx)` as unit
+  "K=<K>" at every milestone. Returns timing info, or None when every unit was already done."""
+  t_start = time.time()
   is_writer = jax.process_index() == 0
   store = results_lib.Store(workdir) if is_writer else None
-  chash = config_lib.config_hash(cfg)
   milestones = [int(k) for k in cfg.sweep.milestones]
   if store is not None and all(store.done(f"K={k}") for k in milestones):
     log.info("all %d milestones already in %s; nothing to do", len(milestones), workdir)
-    return summarize(cfg, workdir)
+    return None
 
   model = _model(cfg, suite)
   backbone0 = base_backbone(cfg, suite, model)
@@ -132,7 +150,10 @@ def run_main(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   params = experts_lib.init_stack(model, backbone0, spec, suite.image_shape)
   trainer = train_lib.Trainer(model, cfg.optim.name, spec, train_lib.Pools.from_arrays(arrays),
                               max_chunk=cfg.train.max_chunk)
-  data = evaluate_lib.EvalData.from_arrays(arrays)
+  ctx = Context(suite=suite, model=model, backbone0=backbone0, arrays=arrays,
+                data=evaluate_lib.EvalData.from_arrays(arrays),
+                common=dict(study=cfg.study, config_hash=config_lib.config_hash(cfg),
+                            suite=suite.name, model=cfg.model.name))
   state = trainer.init(params)
   metrics_log = results_lib.MetricsLog(workdir) if is_writer else None
   bar = tqdm(total=milestones[-1], desc=f"{spec.size} experts", unit="step",
@@ -146,22 +167,34 @@ def run_main(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     if metrics_log is not None:
       metrics_log.log(step=k, mean_loss=float(np.nanmean(loss_E)), time=time.time() - t_start)
 
-  common = dict(study=cfg.study, config_hash=chash, suite=suite.name, model=cfg.model.name)
   for K, snap in trainer.run(state, milestones, progress=progress):
-    snap = trainer.unpad(snap)
-    rows = expert_rows(spec, suite, evaluate_lib.evaluate(model, snap.params, spec, data),
-                       np.asarray(snap.diverged_at), K, common)
-    merged = merge_lib.average(backbone0, snap.params["backbone"], groups)
-    member = evaluate_lib.member_params(merged, snap.params["head"], groups)
-    mm = evaluate_lib.evaluate(model, member, spec.take(groups.reshape(-1)), data)
-    rows += merged_rows(spec, suite, groups, group_cfg, group_id, mm, K, common)
+    rows = rows_at(K, trainer.unpad(snap), ctx)
     if store is not None:
       store.write(f"K={K}", rows)
   bar.close()
   if metrics_log is not None:
     metrics_log.close()
-  return summarize(cfg, workdir, wall_time=time.time() - t_start,
-                   expert_steps=spec.size * milestones[-1])
+  return dict(wall_time=time.time() - t_start, expert_steps=spec.size * milestones[-1])
+
+
+def run_main(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Runs the main job into `workdir`; returns a summary dict (also written as summary.json)."""
+  validate(cfg)
+  suite = tasks_lib.get_suite(cfg.data.suite, cfg.seed)
+  spec, configs, task_ids = build_grid(cfg, suite)
+  groups, group_cfg, group_id = config_groups(len(configs), len(task_ids), cfg.sweep.group_size,
+                                              cfg.sweep.num_groups)
+
+  def rows_at(K, snap, ctx):
+    rows = expert_rows(spec, suite, evaluate_lib.evaluate(ctx.model, snap.params, spec, ctx.data),
+                       np.asarray(snap.diverged_at), K, ctx.common)
+    merged = merge_lib.average(ctx.backbone0, snap.params["backbone"], groups)
+    member = evaluate_lib.member_params(merged, snap.params["head"], groups)
+    mm = evaluate_lib.evaluate(ctx.model, member, spec.take(groups.reshape(-1)), ctx.data)
+    return rows + merged_rows(spec, suite, groups, group_cfg, group_id, mm, K, ctx.common)
+
+  ran = train_milestones(cfg, workdir, suite, spec, rows_at)
+  return summarize(cfg, workdir, **(ran or {}))
 
 
 def expert_rows(spec, suite, m, diverged_at, K, common) -> list[dict]:
@@ -218,7 +251,172 @@ def summarize(cfg, workdir: str, **extra) -> dict[str, Any]:
   return summary
 
 
-STUDIES = {"main": run_main}
+# ---------------------------------------------------------------------------------------------
+# Stability study: originals + coupled twins, expert and merged-model L2 stability.
+
+# Merges the stability study can run on the twin stack: they need no data beyond the stack.
+STABILITY_MERGES = ("average", "task_arithmetic", "ties", "dare_average", "dare_task_arithmetic",
+                    "dare_ties", "uniform_soup", "model_stock")
+
+
+def validate_stability(cfg: ml_collections.ConfigDict, num_tasks: int) -> None:
+  st = cfg.stability
+  bad = [m for m in st.merges if m not in STABILITY_MERGES]
+  if bad:
+    _fail("stability.merges", f"unknown or data-dependent merge {bad[0]!r}; allowed: "
+          f"{', '.join(STABILITY_MERGES)}")
+  for M in st.group_sizes:
+    if not 1 <= M <= num_tasks:
+      _fail("stability.group_sizes", f"each must lie in [1, {num_tasks}] (the number of tasks); "
+            f"got {M}")
+  if st.group_sizes and not st.merges:
+    _fail("stability.merges", "needs at least one merge when stability.group_sizes is set")
+  if st.num_groups < 1:
+    _fail("stability.num_groups", f"must be >= 1; got {st.num_groups}")
+  bad = [f for f in st.figures if f not in FIGURES]
+  if bad:
+    _fail("stability.figures", f"unknown figure {bad[0]!r}; allowed: {', '.join(FIGURES)}")
+  needs_merges = [f for f in st.figures if f != "stability_vs_hparams"]
+  if needs_merges and not st.group_sizes:
+    _fail("stability.figures", f"{needs_merges[0]!r} needs stability.group_sizes and merges")
+
+
+def stability_merges(cfg) -> dict[str, twins_lib.MergeFn]:
+  """Merge functions of the study; DARE keys come from stability.seed."""
+  key = jax.random.key(cfg.stability.seed)
+  return {name: twins_lib.merge_fn(name, **({"key": key} if name.startswith("dare") else {}))
+          for name in cfg.stability.merges}
+
+
+def run_stability(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Originals of config.sweep's grid plus stability.num_twins twins (and a control) each,
+  trained as one stack; at every K, each row's metrics and its distance to its original, and
+  for each group size M and merge, the merged model's distance under every twin substitution.
+
+  Row kinds: `expert` (role original | twin | control, perturbation j, sq_backbone, sq_full,
+  loss_stab, loss_stab_max) and `merged_twin` (one per K x merge x M x group x member x twin).
+  """
+  validate(cfg)
+  suite = tasks_lib.get_suite(cfg.data.suite, cfg.seed)
+  originals, configs, task_ids = build_grid(cfg, suite)
+  validate_stability(cfg, len(task_ids))
+  st = cfg.stability
+  spec = twins_lib.make_twins(originals, suite.arrays(), m=st.num_twins, seed=st.seed,
+                              control=st.control)
+  group_sets = {M: config_groups(len(configs), len(task_ids), M, st.num_groups)
+                for M in st.group_sizes}
+  merges = stability_merges(cfg)
+  role = twins_lib.roles(spec)
+
+  def rows_at(K, snap, ctx):
+    m = evaluate_lib.evaluate(ctx.model, snap.params, spec, ctx.data)
+    sq = twins_lib.sq_distances(snap.params, spec)
+    ls = twins_lib.loss_stability(
+        evaluate_lib.test_losses(ctx.model, snap.params, spec, ctx.data), spec,
+        ctx.arrays.n_test)
+    per_row = dict(m, sq_backbone=sq["backbone"], sq_full=sq["full"], loss_stab=ls["mean"],
+                   loss_stab_max=ls["max"])
+    rows = expert_rows(spec, suite, per_row, np.asarray(snap.diverged_at), K, ctx.common)
+    for e, row in enumerate(rows):
+      row.update(role=str(role[e]), origin=int(spec.origin[e]),
+                 perturbation=int(spec.replaced[e]))
+    for M, (groups, group_cfg, group_id) in group_sets.items():
+      for name, fn in merges.items():
+        out = twins_lib.merged_sq_distances(fn, ctx.backbone0, snap.params["backbone"],
+                                            snap.params["head"], groups, spec)
+        rows += merged_twin_rows(spec, suite, groups, group_cfg, group_id, out, sq, role, name,
+                                 K, ctx.common)
+    return rows
+
+  ran = train_milestones(cfg, workdir, suite, spec, rows_at)
+  return summarize_stability(cfg, workdir, **(ran or {}))
+
+
+def merged_twin_rows(spec, suite, groups, group_cfg, group_id, out, member_sq, role, algorithm,
+                     K, common) -> list[dict]:
+  rows = []
+  M = groups.shape[1]
+  for t, (g, r) in enumerate(zip(out["base"], out["row"])):
+    i = int(spec.origin[r])
+    rows.append(dict(common, kind="merged_twin", algorithm=algorithm, M=M, K=K,
+                     group=int(group_id[g]), config=int(group_cfg[g]), eta=float(spec.eta[i]),
+                     b=int(spec.b[i]), data_ratio=round(float(spec.data_ratio[i]), 6),
+                     seed=int(spec.seed[i]), n=int(spec.n[i]),
+                     task=suite.tasks[spec.task[i]].name, expert=i, twin=int(r),
+                     role=str(role[r]), perturbation=int(spec.replaced[r]),
+                     sq_backbone=float(out["backbone"][t]), sq_full=float(out["full"][t]),
+                     member_sq_backbone=float(member_sq["backbone"][r]),
+                     member_sq_full=float(member_sq["full"][r])))
+  return rows
+
+
+def _nested(table, outer: str, inner: str, value: str = "mean") -> dict:
+  return {f"{a:g}" if isinstance(a, float) else str(a):
+          {f"{b:g}" if isinstance(b, float) else str(b): float(f"{v:.4g}")
+           for b, v in sub.set_index(inner)[value].items()}
+          for a, sub in table.groupby(outer)}
+
+
+def summarize_stability(cfg, workdir: str, **extra) -> dict[str, Any]:
+  """Estimates (mean, s.e., 95% CI, max) by hyperparameter and K, the merged-model tables, the
+  fitted exponents, CSV tables and figures, from the stored results."""
+  df = results_lib.load(workdir)
+  ex = df[df.kind == "expert"]
+  tw, ctrl = ex[ex.role == "twin"], ex[ex.role == "control"]
+  est = twins_lib.estimate_table(tw, ["eta", "b", "data_ratio", "n", "K"], "sq_full")
+  summary: dict[str, Any] = dict(
+      experts=int((ex.role == "original").sum() // ex.K.nunique()),
+      twins=int(len(tw) // ex.K.nunique()), milestones=sorted(int(k) for k in ex.K.unique()),
+      noise_floor_max_sq=float(ctrl.sq_full.max()) if len(ctrl) else None,
+      noise_floor_max_loss=float(ctrl.loss_stab_max.max()) if len(ctrl) else None,
+      diverged=int((ex[ex.K == ex.K.max()].diverged_at >= 0).sum()))
+  for var in ("eta", "b", "data_ratio"):
+    for col, key in (("sq_full", "eps2"), ("sq_backbone", "eps2_backbone"),
+                     ("loss_stab", "loss_stab")):
+      summary[f"{key}_by_{var}_K"] = _nested(twins_lib.estimate_table(tw, [var, "K"], col),
+                                             var, "K")
+  cells = est[est["mean"] > 0]
+  varying = [v for v in ("eta", "b", "n", "K") if cells[v].nunique() > 1]
+  if varying and len(cells) > len(varying) + 1:
+    f = fit_lib.loglog_fit(cells[varying].to_numpy(float), cells["mean"].to_numpy())
+    summary["eps2_exponents"] = {v: dict(slope=round(float(f.slope[k]), 3),
+                                         ci=[round(float(c), 3) for c in f.ci_slope[k]])
+                                 for k, v in enumerate(varying)}
+    summary["eps2_fit_r2"] = round(float(f.r2), 3)
+  mt = df[df.kind == "merged_twin"]
+  if len(mt):
+    mtw = mt[mt.role == "twin"]
+    by = mtw.groupby(["algorithm", "M"])
+    ratio = (by.sq_backbone.mean() / by.member_sq_backbone.mean()).reset_index(name="ratio")
+    summary["merged_eps2_by_algorithm_M"] = _nested(
+        twins_lib.estimate_table(mtw, ["algorithm", "M"], "sq_backbone"), "algorithm", "M")
+    summary["merged_over_member_by_algorithm_M"] = _nested(ratio, "algorithm", "M", "ratio")
+    summary["merged_noise_floor_max_sq"] = float(mt[mt.role == "control"].sq_full.max()) \
+        if (mt.role == "control").any() else None
+    if mtw.M.nunique() > 2:
+      summary["merged_eps2_slope_vs_M"] = {}
+      for name, sub in mtw.groupby("algorithm"):
+        means = sub.groupby("M").sq_backbone.mean()
+        f = fit_lib.loglog_fit(means.index.to_numpy(float), means.to_numpy())
+        summary["merged_eps2_slope_vs_M"][name] = dict(
+            slope=round(float(f.slope[0]), 3), ci=[round(float(c), 3) for c in f.ci_slope[0]])
+  if jax.process_index() == 0:
+    est.to_csv(os.path.join(workdir, "stability_estimates.csv"), index=False)
+    if cfg.output.figures:
+      for name in cfg.stability.figures:
+        FIGURES[name](df, os.path.join(workdir, f"{name}.png"))
+    results_lib.write_json_atomic(os.path.join(workdir, "summary.json"), dict(summary, **extra))
+  return dict(summary, **extra)
+
+
+FIGURES = {
+    "stability_vs_hparams": plots.stability_vs_hparams,
+    "merged_stability_vs_M": plots.merged_stability_vs_M,
+    "merged_vs_members": plots.merged_vs_members,
+}
+
+
+STUDIES = {"main": run_main, "stability": run_stability}
 
 
 def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:

@@ -199,6 +199,12 @@ def merged_sq_distances(merge: MergeFn, x0, backbones, heads, groups: np.ndarray
     return dict(backbone=z, full=z, base=base, pos=pos, row=row)
   all_groups = np.concatenate([groups, tg]).astype(np.int32)
   ids = np.concatenate([np.arange(G), base]).astype(np.int32)
+  # Pad to whole chunks (copies of group 0): every group then runs through the same compiled
+  # vmapped body, so a control twin's merge is bit-identical to its original's (a remainder
+  # chunk is compiled separately and may round differently).
+  pad = -len(all_groups) % merge_lib.CHUNK if len(all_groups) > merge_lib.CHUNK else 0
+  all_groups = np.concatenate([all_groups, np.repeat(all_groups[:1], pad, 0)])
+  ids = np.concatenate([ids, np.zeros((pad,), np.int32)])
   merged = merge(x0, backbones, all_groups, ids)
   sq_bb = np.asarray(_sq_rows(merged, jnp.asarray(G + np.arange(len(tg))), jnp.asarray(base)),
                      np.float64)

@@ -3,6 +3,7 @@ import json
 import os
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from experiments import run as runner
@@ -70,3 +71,62 @@ def test_make_groups_draw_distinct_tasks_deterministically():
   assert g.shape == (10, 6) and all(len(set(r)) == 6 for r in g)
   np.testing.assert_array_equal(g, sweep.make_groups(20, 6, 10))
   assert len(tasks.get_suite("default").tasks) >= 20
+
+
+# ---------------------------------------------------------------------------------------------
+# The stability study (originals + twins, merged-twin distances) through the same runner.
+
+@pytest.fixture(scope="module")
+def stability_dir(tmp_path_factory):
+  wd = str(tmp_path_factory.mktemp("stability_tiny"))
+  assert runner.main(["experiments/stability_tiny.py", "--workdir", wd]) == 0
+  return wd
+
+
+def test_stability_study_rows_roles_and_noise_floor(stability_dir):
+  df = results.load(stability_dir)
+  ex, mt = df[df.kind == "expert"], df[df.kind == "merged_twin"]
+  E = 2 * 2 * 4  # eta x b x tasks
+  assert ex.groupby("K").role.value_counts().unstack().values.tolist() == [[E, E, 2 * E]] * 2
+  twin = ex[ex.role == "twin"]
+  assert twin.perturbation.between(0, twin.n - 1).all()
+  assert (ex[ex.role != "twin"].perturbation == -1).all()
+  assert (ex[ex.role == "control"][["sq_full", "loss_stab_max"]] == 0).all().all()
+  assert (ex[ex.role == "original"].sq_full == 0).all()
+  assert (twin[twin.K == 20].sq_full > 0).all()  # >= 1 epoch: every replaced j was drawn
+  # A merged control is bit-identical to its original group's merge, for every algorithm.
+  assert (mt[mt.role == "control"].sq_full == 0).all()
+  assert set(mt.algorithm) == {"average", "ties", "dare_average"} and set(mt.M) == {2, 4}
+  avg = mt[(mt.algorithm == "average") & (mt.role == "twin")]
+  np.testing.assert_allclose(avg.sq_backbone, avg.member_sq_backbone / avg.M ** 2, rtol=1e-4)
+  # Each twin row's member distance is that twin's own expert row.
+  own = ex.set_index(["K", "expert"]).sq_backbone
+  np.testing.assert_array_equal(avg.member_sq_backbone,
+                                own.loc[list(zip(avg.K, avg.twin))].to_numpy())
+
+
+def test_stability_study_summary_and_figures(stability_dir):
+  s = json.load(open(os.path.join(stability_dir, "summary.json")))
+  assert s["noise_floor_max_sq"] == 0.0 and s["merged_noise_floor_max_sq"] == 0.0
+  assert s["merged_over_member_by_algorithm_M"]["average"] == {"2": 0.25, "4": 0.0625}
+  assert set(s["eps2_exponents"]) == {"eta", "b", "K"}
+  est = pd.read_csv(os.path.join(stability_dir, "stability_estimates.csv"))
+  assert len(est) == 2 * 2 * 2 and (est["count"] == 4 * 2).all()  # eta x b x K; tasks x j
+  assert (est.ci_lo <= est["mean"]).all() and (est["mean"] <= est.ci_hi).all()
+  for f in ("stability_vs_hparams", "merged_stability_vs_M", "merged_vs_members"):
+    assert os.path.getsize(os.path.join(stability_dir, f + ".png")) > 10_000
+
+
+@pytest.mark.parametrize("arg,msg", [
+    ("--config.stability.merges=fisher", "stability.merges: unknown or data-dependent"),
+    ("--config.stability.group_sizes=2,9", "stability.group_sizes"),
+    ("--config.stability.num_twins=500", "stability.num_twins"),
+    ("--config.stability.num_twins=-1", "stability.num_twins"),
+    ("--config.stability.figures=scatter", "stability.figures: unknown figure"),
+    ("--config.stability.num_groups=0", "stability.num_groups")])
+def test_stability_bad_input_fails_before_compute(tmp_path, capsys, arg, msg):
+  wd = tmp_path / "w"
+  assert runner.main(["experiments/stability_tiny.py", "--workdir", str(wd), arg]) == 2
+  err = capsys.readouterr().err.strip()
+  assert msg in err and len(err.splitlines()) == 1
+  assert not (wd / results.DB).exists()
