@@ -120,7 +120,7 @@ def merged_vs_members(df: pd.DataFrame, path: str | None = None):
       ax.scatter(s["member_sq_backbone"], s["sq_backbone"], s=12, alpha=0.7, label=f"K={K}")
     x = np.geomspace(sub["member_sq_backbone"].min(), sub["member_sq_backbone"].max(), 10)
     for M in sorted(sub["M"].unique()):
-      ax.plot(x, x / M ** 2, "k--", lw=1, label=f"member / M^2 (M={M})")
+      ax.plot(x, x / M ** 2, "k--", lw=1, label=f"member / M^2 (M={int(M)})")
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("mean member eps^2")

@@ -376,7 +376,9 @@ def summarize_stability(cfg, workdir: str, **extra) -> dict[str, Any]:
       summary[f"{key}_by_{var}_K"] = _nested(twins_lib.estimate_table(tw, [var, "K"], col),
                                              var, "K")
   cells = est[est["mean"] > 0]
-  varying = [v for v in ("eta", "b", "n", "K") if cells[v].nunique() > 1]
+  # n enters only when the data ratio varies (across tasks alone it is confounded with the task).
+  varying = [v for v in ("eta", "b", "n", "K") if cells[v].nunique() > 1
+             and (v != "n" or cells["data_ratio"].nunique() > 1)]
   if varying and len(cells) > len(varying) + 1:
     f = fit_lib.loglog_fit(cells[varying].to_numpy(float), cells["mean"].to_numpy())
     summary["eps2_exponents"] = {v: dict(slope=round(float(f.slope[k]), 3),
