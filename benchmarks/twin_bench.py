@@ -33,8 +33,12 @@ def main() -> None:
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--steps", type=int, default=200, help="steps per run (4 milestones)")
   ap.add_argument("--repeats", type=int, default=3, help="timed runs of each variant")
+  ap.add_argument("--seeds", type=int, default=1, help="expert seeds: 108 experts per seed")
+  ap.add_argument("--reference", action="store_true",
+                  help="also time a plain run of twice as many distinct experts (2x seeds)")
   args = ap.parse_args()
   cfg = stability_hparams.get_config()
+  cfg.sweep.seeds = tuple(range(args.seeds))
   suite = tasks.get_suite(cfg.data.suite, cfg.seed)
   originals, _, _ = sweep.build_grid(cfg, suite)
   arrays = suite.arrays()
@@ -60,6 +64,9 @@ def main() -> None:
     return run
 
   variants = {"plain": runner(originals, False), "twins": runner(with_twins, True)}
+  if args.reference:
+    cfg.sweep.seeds = tuple(range(2 * args.seeds))
+    variants["plain2x"] = runner(sweep.build_grid(cfg, suite)[0], False)
   for run in variants.values():
     run()  # warm-up: compile
   times = {k: [] for k in variants}
@@ -72,6 +79,9 @@ def main() -> None:
   for k in variants:
     print(f"  {k:6s} median {med[k]:7.2f} s   runs {', '.join(f'{t:.2f}' for t in times[k])}")
   print(f"twin overhead ratio (twins / plain): {med['twins'] / med['plain']:.3f}  (goal <= 2.05)")
+  if args.reference:
+    print(f"twice as many distinct experts (plain2x / plain): {med['plain2x'] / med['plain']:.3f};"
+          f" twins / plain2x: {med['twins'] / med['plain2x']:.3f}")
 
 
 if __name__ == "__main__":

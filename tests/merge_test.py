@@ -677,3 +677,18 @@ def test_data_dependent_bad_inputs():
   with pytest.raises(ValueError, match=r"y: must be int labels"):
     merge.greedy_soup(x0, stack, groups, model=model, heads=heads, x=x, y=y[:, :2],
                       num_classes=nc)
+
+
+@pytest.mark.parametrize("name,hp", [("average", {}), ("ties", dict(k=0.3)),
+                                     ("dare_average", dict(key=jax.random.key(1), p=0.3))])
+def test_stack_sharded_over_8_devices_merges_like_unsharded(name, hp):
+  """The trainer returns stacks sharded over the expert axis; merges gather them first."""
+  from stability import sharding
+  x0, stack = _trees(E=8)
+  mesh = sharding.expert_mesh(jax.devices()[:8])
+  sharded = sharding.shard(stack, mesh)
+  assert len(jax.tree.leaves(sharded)[0].sharding.device_set) == 8
+  want = merge.merge(name, x0, stack, GROUPS, **hp)
+  got = merge.merge(name, x0, sharded, GROUPS, **hp)
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
