@@ -11,7 +11,12 @@ K = 100, 200, 400; groups of M = 4 tasks (10 groups per config), merged with ave
 arithmetic, TIES and DARE+average for every twin substitution.
 
 Outputs: runs/stability_members/merged_vs_members.png (one point per group x config x K),
-summary.json (merged / member ratio by merge). Results: README "Stability".
+summary.json (merged / member ratio by merge).
+
+Runtime: 1 min 07 s on a 2-core CPU. Measured: member eps^2 spans 1e-5 to 1e2; every group's
+merged / member ratio is 0.0625 (1/M^2) for the average, 0.09 (lam^2) for task arithmetic,
+~0.125 for DARE, and 1.1 (pooled means) / 17 (mean per group, up to 88) for TIES.
+Tables: README "Stability".
 """
 import os
 import sys
