@@ -825,6 +825,7 @@ def adamerging(x0: Params, stack: Params, groups: Any, *, model: Any, heads: Par
                                 batch_size=batch_size, init=init, chunk_size=chunk_size,
                                 tasks=tasks, group_ids=group_ids)
   g = np.asarray(groups, np.int32)
+  x0, stack = _one_device(x0), _one_device(stack)
   L = _num_leaves(x0)
   lam = jnp.broadcast_to(lam.reshape(lam.shape[:2] + (-1,)), lam.shape[:2] + (L,))
   return _linear(x0, stack, jnp.asarray(g), lam, 1.0 - jnp.sum(lam, axis=1),

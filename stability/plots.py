@@ -129,3 +129,27 @@ def merged_vs_members(df: pd.DataFrame, path: str | None = None):
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=7)
   return _finish(fig, path)
+
+
+def merge_comparison(df: pd.DataFrame, path: str | None = None):
+  """Every merge on the same groups: merged test accuracy per algorithm at the last K (bars:
+  mean +-1 s.e. over groups; the logit ensemble as the non-merged reference), and the merged
+  generalization gap against the merged-model stability (one point per algorithm and K)."""
+  mc = df[df["kind"] == "merge_compare"]
+  Kmax = mc["K"].max()
+  last = _mean_se(mc[mc["K"] == Kmax], ["algorithm"], "test_acc").sort_values("mean")
+  fig, axes = plt.subplots(1, 2, figsize=(13, 4.5))
+  axes[0].barh(last["algorithm"], last["mean"], xerr=last["se"], color="tab:blue", alpha=0.8)
+  axes[0].set_xlabel(f"merged test accuracy (mean over member tasks), K={Kmax}")
+  axes[0].grid(alpha=0.3, axis="x")
+  axes[1].set_prop_cycle(color=plt.cm.tab20.colors)
+  per = mc.dropna(subset=["merged_eps2"]).groupby(["algorithm", "K"])[
+      ["merged_eps2", "gap"]].mean().reset_index()
+  for name, sub in per.groupby("algorithm"):
+    axes[1].plot(sub["merged_eps2"], sub["gap"], marker="o", label=name)
+  axes[1].set_xscale("log")
+  axes[1].set_xlabel("merged-model stability eps^2 (backbone)")
+  axes[1].set_ylabel("merged generalization gap")
+  axes[1].grid(alpha=0.3, which="both")
+  axes[1].legend(fontsize=7, ncol=2)
+  return _finish(fig, path)

@@ -418,7 +418,195 @@ FIGURES = {
 }
 
 
-STUDIES = {"main": run_main, "stability": run_stability}
+# ---------------------------------------------------------------------------------------------
+# Merge comparison: every algorithm on the same experts, groups and K snapshots.
+
+DATA_MERGES = ("fisher", "regmean", "adamerging_task", "adamerging_layer", "greedy_soup")
+COMPARE_MERGES = STABILITY_MERGES + DATA_MERGES + ("ensemble",)
+
+
+@dataclasses.dataclass
+class MergeData:
+  """Per-row data of the data-dependent merges (rows of the twin-extended expert stack).
+
+  Labelled: the first `samples` positions of each row's own training subset (so a twin's
+  Fisher/Gram statistics see its replaced sample when j < samples). Unlabeled (AdaMerging) and
+  test (ensemble): the task's test inputs. Held-out (greedy soup): the task's ghost pool.
+  """
+  x: np.ndarray
+  y: np.ndarray
+  mask: np.ndarray
+  x_test: np.ndarray
+  y_test: np.ndarray
+  mask_test: np.ndarray
+  x_val: np.ndarray
+  y_val: np.ndarray
+  mask_val: np.ndarray
+
+  @classmethod
+  def build(cls, spec: experts_lib.Experts, arrays: tasks_lib.TaskArrays, samples: int):
+    t = spec.task[:, None]
+    pos = np.arange(min(samples, spec.subset.shape[1]))
+    rows = spec.subset[:, pos]
+    Q = arrays.x_test.shape[1]
+    V = int(np.max(arrays.n_ghost))
+    val_rows = arrays.n_train[spec.task][:, None] + np.arange(V)
+    val_rows = np.minimum(val_rows, arrays.x_pool.shape[1] - 1)
+    return cls(x=arrays.x_pool[t, rows], y=arrays.y_pool[t, rows],
+               mask=(pos[None] < spec.n[:, None]).astype(np.float32),
+               x_test=arrays.x_test[spec.task], y_test=arrays.y_test[spec.task],
+               mask_test=(np.arange(Q)[None] < arrays.n_test[spec.task][:, None]).astype(
+                   np.float32),
+               x_val=arrays.x_pool[t, val_rows], y_val=arrays.y_pool[t, val_rows],
+               mask_val=(np.arange(V)[None] < arrays.n_ghost[spec.task][:, None]).astype(
+                   np.float32))
+
+
+def _per_row(fn, *xs, batch_size: int = 8):
+  """fn over the leading (row) axis in batches, so per-example intermediates stay bounded."""
+  return jax.jit(lambda *a: jax.lax.map(lambda r: fn(*r), a, batch_size=batch_size))(*xs)
+
+
+def compare_merge_fns(cfg, model, params, spec, md: MergeData) -> dict[str, twins_lib.MergeFn]:
+  """Every configured merge as `(x0, stack, groups, group_ids) -> merged` on the twin stack."""
+  key = jax.random.key(cfg.stability.seed)
+  nc = spec.num_classes
+  needs = set(cfg.compare.merges)
+  extra: dict[str, dict] = {}
+  if "fisher" in needs:
+    extra["fisher"] = dict(fishers=_per_row(
+        lambda p, x, y, c, m: merge_lib.diag_fisher(model, p, x, y, c, m),
+        params, md.x, md.y, nc, md.mask))
+  if "regmean" in needs:
+    extra["regmean"] = dict(grams=_per_row(
+        lambda b, x, m: merge_lib.gram_matrices(model, b, x, m), params["backbone"], md.x,
+        md.mask))
+  for name in ("adamerging_task", "adamerging_layer"):
+    extra[name] = dict(model=model, heads=params["head"], x=md.x_test, num_classes=nc, key=key,
+                       mask=md.mask_test, steps=cfg.compare.adamerging_steps)
+  extra["greedy_soup"] = dict(model=model, heads=params["head"], x=md.x_val, y=md.y_val,
+                              num_classes=nc, mask=md.mask_val)
+  for name in ("dare", "dare_average", "dare_task_arithmetic", "dare_ties"):
+    extra[name] = dict(key=key)
+  return {name: twins_lib.merge_fn(name, **extra.get(name, {}))
+          for name in cfg.compare.merges if name != "ensemble"}
+
+
+def ensemble_metrics(model, x0, params, groups, spec, md: MergeData) -> dict[str, np.ndarray]:
+  """Test accuracy and loss [G] of each group's logit ensemble (mean over member tasks)."""
+  logits = merge_lib.ensemble(x0, params["backbone"], groups, model=model, heads=params["head"],
+                              x=md.x_test, num_classes=spec.num_classes)
+  y = md.y_test[groups]                                       # [G, M, Q]
+  m = md.mask_test[groups]
+  logp = np.asarray(jax.nn.log_softmax(logits))
+  loss = -np.take_along_axis(logp, y[..., None], axis=-1)[..., 0]
+  acc = np.argmax(logp, axis=-1) == y
+  per = lambda v: ((v * m).sum(-1) / m.sum(-1)).mean(-1)
+  return dict(test_acc=per(acc), test_loss=per(loss))
+
+
+def run_compare(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Every merge in config.compare.merges on the same experts, groups and K snapshots: merged
+  test accuracy/loss and gap (each member task with its own head), merged-model stability from
+  the twins, and task-vector diagnostics per group. Row kinds: `merge_compare` (algorithm x
+  config x group x K) and `diagnostics` (config x group x K)."""
+  validate(cfg)
+  suite = tasks_lib.get_suite(cfg.data.suite, cfg.seed)
+  originals, configs, task_ids = build_grid(cfg, suite)
+  bad = [m for m in cfg.compare.merges if m not in COMPARE_MERGES]
+  if bad or not cfg.compare.merges:
+    _fail("compare.merges", f"unknown merge {bad[0] if bad else None!r}; allowed: "
+          f"{', '.join(COMPARE_MERGES)}")
+  st = cfg.stability
+  spec = twins_lib.make_twins(originals, suite.arrays(), m=st.num_twins, seed=st.seed,
+                              control=st.control)
+  groups, group_cfg, group_id = config_groups(len(configs), len(task_ids), cfg.sweep.group_size,
+                                              cfg.sweep.num_groups)
+  md = MergeData.build(spec, suite.arrays(), cfg.compare.samples)
+
+  def rows_at(K, snap, ctx):
+    params = snap.params
+    member_sq = twins_lib.sq_distances(params, spec)
+    fns = compare_merge_fns(cfg, ctx.model, params, spec, md)
+    member_spec = spec.take(groups.reshape(-1))
+    G, M = groups.shape
+    rows = []
+    for name, fn in fns.items():
+      out = twins_lib.merged_sq_distances(fn, ctx.backbone0, params["backbone"],
+                                          params["head"], groups, spec)
+      member = evaluate_lib.member_params(out["merged"], params["head"], groups)
+      ev = {k: np.asarray(v).reshape(G, M).mean(1)
+            for k, v in evaluate_lib.evaluate(ctx.model, member, member_spec, ctx.data).items()}
+      tw = twins_lib.roles(spec)[out["row"]] == "twin"
+      for g in range(G):
+        sel = tw & (out["base"] == g)
+        rows.append(_compare_row(ctx, spec, suite, groups, g, group_cfg, group_id, name, K,
+                                 {k: float(v[g]) for k, v in ev.items()},
+                                 merged_eps2=float(out["backbone"][sel].mean()),
+                                 merged_eps2_full=float(out["full"][sel].mean()),
+                                 member_eps2=float(member_sq["backbone"][out["row"][sel]].mean())))
+    if "ensemble" in cfg.compare.merges:
+      ens = ensemble_metrics(ctx.model, ctx.backbone0, params, groups, spec, md)
+      rows += [_compare_row(ctx, spec, suite, groups, g, group_cfg, group_id, "ensemble", K,
+                            {k: float(v[g]) for k, v in ens.items()}) for g in range(G)]
+    diag = merge_lib.diagnostics(ctx.backbone0, params["backbone"], groups,
+                                 key=jax.random.key(st.seed))
+    cos = np.asarray(diag["cosine"])
+    off = ~np.eye(M, dtype=bool)
+    for g in range(G):
+      rows.append(_compare_row(
+          ctx, spec, suite, groups, g, group_cfg, group_id, None, K, {}, kind="diagnostics",
+          tau_norm=float(np.mean(diag["tau_norm"][g])), cosine=float(cos[g][off].mean()),
+          sign_conflict=float(diag["sign_conflict"][g]),
+          ties_sign_conflict=float(diag["ties_sign_conflict"][g]),
+          ties_sparsity=float(np.mean(diag["ties_sparsity"][g])),
+          ties_merged_sparsity=float(diag["ties_merged_sparsity"][g]),
+          dare_sparsity=float(np.mean(diag["dare_sparsity"][g]))))
+    return rows
+
+  ran = train_milestones(cfg, workdir, suite, spec, rows_at)
+  return summarize_compare(cfg, workdir, **(ran or {}))
+
+
+def _compare_row(ctx, spec, suite, groups, g, group_cfg, group_id, algorithm, K, metrics,
+                 kind="merge_compare", **extra) -> dict:
+  e0 = int(groups[g, 0])
+  return dict(ctx.common, kind=kind, algorithm=algorithm, K=K, M=int(groups.shape[1]),
+              group=int(group_id[g]), config=int(group_cfg[g]), eta=float(spec.eta[e0]),
+              b=int(spec.b[e0]), data_ratio=round(float(spec.data_ratio[e0]), 6),
+              seed=int(spec.seed[e0]),
+              tasks=[suite.tasks[spec.task[e]].name for e in groups[g]], **metrics, **extra)
+
+
+def summarize_compare(cfg, workdir: str, **extra) -> dict[str, Any]:
+  """Per-algorithm table at every K (means over groups), CSV, figure and summary.json."""
+  df = results_lib.load(workdir)
+  mc = df[df.kind == "merge_compare"]
+  cols = [c for c in ("test_acc", "test_loss", "gap", "merged_eps2", "member_eps2")
+          if c in mc.columns]
+  table = mc.groupby(["K", "algorithm"])[cols].mean().reset_index()
+  if "merged_eps2" in table:
+    table["eps2_ratio"] = table["merged_eps2"] / table["member_eps2"]
+  Kmax = int(mc.K.max())
+  last = table[table.K == Kmax].drop(columns="K").set_index("algorithm")
+  dg = df[(df.kind == "diagnostics") & (df.K == Kmax)]
+  summary = dict(
+      algorithms=sorted(mc.algorithm.unique()), milestones=sorted(int(k) for k in mc.K.unique()),
+      groups=int(mc[(mc.K == Kmax)].groupby("algorithm").size().max()),
+      table_at_Kmax={a: {c: (None if not np.isfinite(v) else float(f"{v:.4g}"))
+                         for c, v in r.items()} for a, r in last.iterrows()},
+      diagnostics_at_Kmax={c: round(float(dg[c].mean()), 4) for c in (
+          "tau_norm", "cosine", "sign_conflict", "ties_sign_conflict", "ties_sparsity",
+          "ties_merged_sparsity", "dare_sparsity")})
+  if jax.process_index() == 0:
+    table.to_csv(os.path.join(workdir, "compare_table.csv"), index=False)
+    if cfg.output.figures:
+      plots.merge_comparison(df, os.path.join(workdir, "merge_comparison.png"))
+    results_lib.write_json_atomic(os.path.join(workdir, "summary.json"), dict(summary, **extra))
+  return dict(summary, **extra)
+
+
+STUDIES = {"main": run_main, "stability": run_stability, "compare": run_compare}
 
 
 def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:

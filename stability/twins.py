@@ -190,13 +190,15 @@ def merged_sq_distances(merge: MergeFn, x0, backbones, heads, groups: np.ndarray
   The original groups and the twin groups are merged in one call (twin groups carry their
   original's RNG id). 'backbone' is the merged backbone distance; 'full' adds the replaced
   member's head distance (the merged model for task i pairs the merged backbone with head i).
-  Also returns base/pos/row (see `twin_groups`).
+  Also returns base/pos/row (see `twin_groups`) and 'merged', the original groups' merged
+  backbones [G, ...].
   """
   tg, base, pos, row = twin_groups(groups, experts)
   G = groups.shape[0]
   if tg.shape[0] == 0:
     z = np.zeros((0,))
-    return dict(backbone=z, full=z, base=base, pos=pos, row=row)
+    return dict(backbone=z, full=z, base=base, pos=pos, row=row,
+                merged=merge(x0, backbones, groups.astype(np.int32), np.arange(G, dtype=np.int32)))
   all_groups = np.concatenate([groups, tg]).astype(np.int32)
   ids = np.concatenate([np.arange(G), base]).astype(np.int32)
   # Pad to whole chunks (copies of group 0): every group then runs through the same compiled
@@ -210,7 +212,8 @@ def merged_sq_distances(merge: MergeFn, x0, backbones, heads, groups: np.ndarray
                      np.float64)
   sq_head = np.asarray(_sq_rows(heads, jnp.asarray(row), jnp.asarray(experts.origin[row])),
                        np.float64)
-  return dict(backbone=sq_bb, full=sq_bb + sq_head, base=base, pos=pos, row=row)
+  return dict(backbone=sq_bb, full=sq_bb + sq_head, base=base, pos=pos, row=row,
+              merged=jax.tree.map(lambda a: a[:G], merged))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -130,3 +130,46 @@ def test_stability_bad_input_fails_before_compute(tmp_path, capsys, arg, msg):
   err = capsys.readouterr().err.strip()
   assert msg in err and len(err.splitlines()) == 1
   assert not (wd / results.DB).exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# The merge comparison study: every algorithm on the same groups and K.
+
+@pytest.fixture(scope="module")
+def compare_dir(tmp_path_factory):
+  wd = str(tmp_path_factory.mktemp("compare_tiny"))
+  assert runner.main(["experiments/compare_merges_tiny.py", "--workdir", wd]) == 0
+  return wd
+
+
+def test_compare_study_runs_every_algorithm_on_the_same_groups(compare_dir):
+  df = results.load(compare_dir)
+  mc, dg = df[df.kind == "merge_compare"], df[df.kind == "diagnostics"]
+  from experiments import compare_merges_tiny
+  algos = set(compare_merges_tiny.get_config().compare.merges)
+  assert set(mc.algorithm) == algos and len(algos) == 14
+  G = 2 * 3  # configs x groups
+  assert (mc.groupby(["K", "algorithm"]).size() == G).all() and len(dg) == G * 2
+  sig = mc.groupby(["K", "algorithm"]).apply(lambda d: tuple(map(tuple, d.tasks)),
+                                             include_groups=False)
+  assert len(set(sig)) == 1  # identical groups for every algorithm and K
+  by = mc.set_index(["K", "algorithm", "config", "group"])
+  # uniform soup is the average; the ensemble has no parameters, hence no stability.
+  np.testing.assert_allclose(by.xs("uniform_soup", level=1).test_acc,
+                             by.xs("average", level=1).test_acc)
+  assert by.xs("ensemble", level=1).merged_eps2.isna().all()
+  ratio = mc.merged_eps2 / mc.member_eps2
+  np.testing.assert_allclose(ratio[mc.algorithm == "average"], 1 / 4, rtol=1e-4)
+  np.testing.assert_allclose(ratio[mc.algorithm == "task_arithmetic"], 0.09, rtol=1e-4)
+  assert mc.test_acc.between(0, 1).all() and (dg.sign_conflict.between(0, 1)).all()
+  s = json.load(open(os.path.join(compare_dir, "summary.json")))
+  assert set(s["table_at_Kmax"]) == algos
+  assert os.path.getsize(os.path.join(compare_dir, "merge_comparison.png")) > 10_000
+
+
+def test_compare_bad_merge_name_fails_before_compute(tmp_path, capsys):
+  wd = tmp_path / "w"
+  assert runner.main(["experiments/compare_merges_tiny.py", "--workdir", str(wd),
+                      "--config.compare.merges=average,bogus"]) == 2
+  assert "compare.merges: unknown merge 'bogus'" in capsys.readouterr().err
+  assert not (wd / results.DB).exists()
