@@ -525,13 +525,16 @@ def run_compare(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   md = MergeData.build(spec, suite.arrays(), cfg.compare.samples)
 
   def rows_at(K, snap, ctx):
-    params = snap.params
+    # One device copy for the merge stage: the per-row statistics and merges read arbitrary
+    # rows, and collectives between host devices here were seen to deadlock (2 CPU devices).
+    params = jax.device_put(snap.params, jax.devices()[0])
     member_sq = twins_lib.sq_distances(params, spec)
     fns = compare_merge_fns(cfg, ctx.model, params, spec, md)
     member_spec = spec.take(groups.reshape(-1))
     G, M = groups.shape
     rows = []
     for name, fn in fns.items():
+      log.info("K=%d: merging with %s", K, name)
       out = twins_lib.merged_sq_distances(fn, ctx.backbone0, params["backbone"],
                                           params["head"], groups, spec)
       member = evaluate_lib.member_params(out["merged"], params["head"], groups)
