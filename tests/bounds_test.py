@@ -336,3 +336,65 @@ def test_scaling_exponents_match_autodiff(convex):
       fn = lambda v, name=name, out=out: gap(**{**p, name: v})[out]
       got = float(bounds.local_exponent(fn, jnp.float32(p[name])))
       assert got == pytest.approx(float(ex[which][name]), rel=2e-3, abs=2e-3), (which, name)
+
+
+# ---------------------------------------------------------------------------------------------
+# The same convex check through the library: stability twins (every j) of the `linear` model
+# (multinomial logistic regression) trained by the vmapped Trainer on the default suite's
+# digits features, plain SGD (momentum 0, weight decay 0).
+
+def test_convex_bound_holds_for_library_twins_on_default_digits():
+  from stability import experts as experts_lib
+  from stability import models, tasks, train, twins
+
+  suite = tasks.get_suite("default", 0)
+  arrays = suite.arrays()
+  t = suite.index("digits")
+  n_train = int(arrays.n_train[t])
+  x = arrays.x_pool[t, :n_train + int(arrays.n_ghost[t])].reshape(n_train + int(
+      arrays.n_ghost[t]), -1).astype(np.float64)
+  R2 = float(np.max(np.sum(x**2, axis=1) + 1.0))  # ||[x, 1]||^2, bias included
+  # Softmax cross-entropy of a linear model: ||grad|| = ||p - e_y|| ||x~|| <= sqrt(2) R and
+  # ||Hessian|| <= ||diag(p) - p p^T|| ||x~||^2 <= R^2 / 2.
+  G, L = np.sqrt(2.0 * R2), R2 / 2.0
+  model = models.get_model("linear", suite.max_classes)
+  etas, Ks, seeds = (0.1 / L, 0.5 / L, 1.0 / L, 2.0 / L), (3, 17, 60), (0, 1)
+  configs = [(e, b, K, n) for e, b, K, n in itertools.product(etas, BS, Ks, NS)]
+  assert len(configs) >= 100
+  parts = []
+  for n in NS:  # twins of every position j < n: m = n per subset size
+    sub = [(ci, s) for ci, c in enumerate(configs) if c[3] == n for s in seeds]
+    spec = experts_lib.make_experts(
+        suite, task=[t] * len(sub), eta=[configs[ci][0] for ci, _ in sub],
+        b=[configs[ci][1] for ci, _ in sub], K=[configs[ci][2] for ci, _ in sub],
+        data_ratio=[(n + 0.5) / n_train] * len(sub), seed=[s for _, s in sub],
+        momentum=0.0, weight_decay=0.0)
+    assert np.all(spec.n == n)
+    parts.append((sub, twins.make_twins(spec, arrays, m=n, control=False)))
+  spec = experts_lib.concat(*(p for _, p in parts))
+  cfg_of = np.concatenate([np.array([ci for ci, _ in sub])[p.origin] for sub, p in parts])
+  trainer = train.Trainer(model, "sgd", spec, train.Pools.from_arrays(arrays), max_chunk=60)
+  params = experts_lib.init_stack(model, {}, spec, suite.image_shape)
+  (_, snap), = list(trainer.run(trainer.init(params), [60]))
+  sq = twins.sq_distances(trainer.unpad(snap).params, spec)["full"]
+
+  # Pathwise: ||delta_K|| <= (2 eta G / b) N_j, N_j = draws of position j in the first K steps.
+  B, N = int(spec.b.max()), spec.subset.shape[1]
+  pos, mask = jax.jit(jax.vmap(jax.vmap(
+      lambda s, k, n, b: train.batch_positions(s, k, n, b, B, N), (None, 0, None, None)),
+      (0, None, 0, 0)))(
+          jnp.asarray(spec.seed), jnp.arange(60), jnp.asarray(spec.n), jnp.asarray(spec.b))
+  live = np.asarray(mask) & (np.arange(60)[None, :, None] < spec.K[:, None, None])
+  draws = ((np.asarray(pos) == spec.replaced[:, None, None]) & live).sum(axis=(1, 2))
+  tw = np.flatnonzero(twins.roles(spec) == "twin")
+  e, b = spec.eta[tw].astype(np.float64), spec.b[tw].astype(np.float64)
+  assert np.all(np.sqrt(sq[tw]) <= 2 * e * G / b * draws[tw] * (1 + 1e-4) + 1e-6)
+
+  measured = np.array([sq[tw][cfg_of[tw] == ci].mean() for ci in range(len(configs))])
+  ce, cb, cK, cn = (np.array(v, np.float64) for v in zip(*configs))
+  for name, bound in [("exact", bounds.eps2_convex(ce, cb, cK, cn, G)),
+                      ("simple", bounds.eps2_convex_simple(ce, cb, cK, cn, G))]:
+    ratio = bound / measured
+    print(f"library twins, digits logistic {name}: holds {np.mean(ratio >= 1):.3f} of "
+          f"{len(ratio)}, median bound/measured {np.median(ratio):.3g}, min {ratio.min():.3g}")
+    assert np.all(measured > 0) and np.all(ratio >= 1.0), name
