@@ -41,7 +41,9 @@ def stability_section() -> ml_collections.ConfigDict:
       num_groups=10,             # groups per M and config (group seeds 0..G-1)
       merges=("average",),       # merges applied to the twin stack (sweep.STABILITY_MERGES)
       figures=("stability_vs_hparams",),
-  ))
+      constants=False,           # also estimate G (max per-sample grad norm) and L (top Hessian
+      constants_samples=256,     #   eigenvalue, 20 power iterations) per expert and K, on this
+  ))                             #   many samples of its training subset
 
 
 def get_config():

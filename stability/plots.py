@@ -153,3 +153,24 @@ def merge_comparison(df: pd.DataFrame, path: str | None = None):
   axes[1].grid(alpha=0.3, which="both")
   axes[1].legend(fontsize=7, ncol=2)
   return _finish(fig, path)
+
+
+def bound_vs_measured(tables: dict[str, pd.DataFrame], path: str | None = None):
+  """Predicted bound against the measured value, one panel per target (`theory.compare`
+  tables: columns bound, measured, eta), log-log with y = x; infinite bounds are dropped."""
+  fig, axes = plt.subplots(1, len(tables), figsize=(5.2 * len(tables), 4.3), squeeze=False)
+  for ax, (target, t) in zip(axes[0], tables.items()):
+    ok = np.isfinite(t["bound"]) & (t["measured"] > 0) & (t["bound"] > 0)
+    for eta, s in t[ok].groupby("eta"):
+      ax.scatter(s["measured"], s["bound"], s=10, alpha=0.7, label=f"eta={eta:g}")
+    lo = float(t.loc[ok, "measured"].min())
+    hi = float(max(t.loc[ok, "bound"].max(), t.loc[ok, "measured"].max()))
+    ax.plot([lo, hi], [lo, hi], "k--", lw=1, label="y = x")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel(f"measured {target}")
+    ax.set_ylabel(f"non-convex bound on {target}")
+    ax.set_title(f"{target}: {int(ok.sum())} of {len(t)} bounds finite", fontsize=10)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7)
+  return _finish(fig, path)

@@ -19,6 +19,7 @@ import time
 from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from tqdm.auto import tqdm
@@ -320,6 +321,9 @@ def run_stability(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any
     for e, row in enumerate(rows):
       row.update(role=str(role[e]), origin=int(spec.origin[e]),
                  perturbation=int(spec.replaced[e]))
+    if st.constants:
+      rows += constant_rows(ctx, spec, params_of(snap.params, originals.size), originals, K,
+                            st.constants_samples, st.seed)
     for M, (groups, group_cfg, group_id) in group_sets.items():
       for name, fn in merges.items():
         out = twins_lib.merged_sq_distances(fn, ctx.backbone0, snap.params["backbone"],
@@ -330,6 +334,58 @@ def run_stability(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any
 
   ran = train_milestones(cfg, workdir, suite, spec, rows_at)
   return summarize_stability(cfg, workdir, **(ran or {}))
+
+
+def params_of(params, E: int):
+  """The first E rows (the originals) of a stack, on one device."""
+  return jax.device_put(jax.tree.map(lambda a: a[:E], params), jax.devices()[0])
+
+
+def constant_rows(ctx, spec, params, originals, K, samples: int, seed: int) -> list[dict]:
+  """Per original expert at K: G_max (largest per-sample gradient norm), L (top Hessian
+  eigenvalue of its training loss, 20 power iterations) and sigma2, on the first `samples`
+  positions of its training subset (`theory.constants`)."""
+  from theory import constants as constants_lib
+  S = min(samples, originals.subset.shape[1])
+  t = originals.task[:, None]
+  rows_S = originals.subset[:, :S]
+  x, y = ctx.arrays.x_pool[t, rows_S], ctx.arrays.y_pool[t, rows_S]
+  mask = (np.arange(S)[None] < originals.n[:, None]).astype(np.float32)
+  keys = jax.random.split(jax.random.fold_in(jax.random.key(seed), K), originals.size)
+
+  def one(p, x, y, m, nc, key):
+    loss_fn = lambda p, xi, yi: models_lib.per_sample_loss(ctx.model, p, xi[None], yi[None],
+                                                           nc)[0][0]
+    gs = constants_lib.gradient_stats(loss_fn, p, x, y, m)
+    he = constants_lib.top_hessian_eigenvalue(loss_fn, p, x, y, key, m, num_iters=20)
+    return gs["G_max"], he["L"], gs["sigma2"]
+
+  G, L, s2 = (np.asarray(v) for v in _per_row(one, params, x, y, mask,
+                                               jnp.asarray(originals.num_classes), keys))
+  return [dict(ctx.common, kind="constants", expert=e, K=K, eta=float(originals.eta[e]),
+               b=int(originals.b[e]), n=int(originals.n[e]),
+               data_ratio=round(float(originals.data_ratio[e]), 6),
+               task=ctx.suite.tasks[originals.task[e]].name, G_max=float(G[e]), L=float(L[e]),
+               sigma2=float(s2[e])) for e in range(originals.size)]
+
+
+def theory_comparison(df) -> dict[str, Any]:
+  """Per original expert and K: measured eps^2 (mean over its twins) and gap against the
+  non-convex bounds with G and L the largest estimates along its trajectory up to K."""
+  from theory import compare as compare_lib
+  ex = df[df.kind == "expert"]
+  const = df[df.kind == "constants"].sort_values("K")
+  const = const.assign(G=const.groupby("expert").G_max.cummax(),
+                       L=const.groupby("expert").L.cummax())
+  eps = ex[ex.role == "twin"].groupby(["origin", "K"]).sq_full.mean().rename("eps2")
+  orig = ex[ex.role == "original"].set_index(["expert", "K"])[["gap", "train_loss"]]
+  table = const.set_index(["expert", "K"])[["eta", "b", "n", "data_ratio", "G", "L"]].join(
+      orig).join(eps.rename_axis(["expert", "K"])).reset_index()
+  out = {}
+  for target in ("eps2", "gap"):
+    c = compare_lib.compare(table, L="L", G="G", target=target, convex=False)
+    out[target] = c
+  return out
 
 
 def merged_twin_rows(spec, suite, groups, group_cfg, group_id, out, member_sq, role, algorithm,
@@ -402,6 +458,15 @@ def summarize_stability(cfg, workdir: str, **extra) -> dict[str, Any]:
         f = fit_lib.loglog_fit(means.index.to_numpy(float), means.to_numpy())
         summary["merged_eps2_slope_vs_M"][name] = dict(
             slope=round(float(f.slope[0]), 3), ci=[round(float(c), 3) for c in f.ci_slope[0]])
+  if (df.kind == "constants").any():
+    comp = theory_comparison(df)
+    summary["theory"] = {t: {k: v for k, v in c.summary.items()} for t, c in comp.items()}
+    if jax.process_index() == 0:
+      for t, c in comp.items():
+        c.table.to_csv(os.path.join(workdir, f"theory_{t}.csv"), index=False)
+      if cfg.output.figures:
+        plots.bound_vs_measured({t: c.table for t, c in comp.items()},
+                                os.path.join(workdir, "bound_vs_measured.png"))
   if jax.process_index() == 0:
     est.to_csv(os.path.join(workdir, "stability_estimates.csv"), index=False)
     if cfg.output.figures:

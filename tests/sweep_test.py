@@ -173,3 +173,21 @@ def test_compare_bad_merge_name_fails_before_compute(tmp_path, capsys):
                       "--config.compare.merges=average,bogus"]) == 2
   assert "compare.merges: unknown merge 'bogus'" in capsys.readouterr().err
   assert not (wd / results.DB).exists()
+
+
+def test_theory_comparison_study_estimates_constants_and_compares(tmp_path):
+  wd = str(tmp_path / "theory")
+  assert runner.main(["experiments/theory_compare_tiny.py", "--workdir", wd]) == 0
+  df = results.load(wd)
+  const = df[df.kind == "constants"]
+  E = 2 * 2 * 4  # eta x b x tasks (originals only)
+  assert len(const) == E * 2 and (const.G_max > 0).all() and (const.L > 0).all()
+  s = json.load(open(os.path.join(wd, "summary.json")))["theory"]
+  for target in ("eps2", "gap"):
+    t = pd.read_csv(os.path.join(wd, f"theory_{target}.csv"))
+    assert len(t) == E * 2 and s[target]["rows"] == E * 2
+    # G and L are the running maxima along each expert's trajectory.
+    for _, sub in t.sort_values("K").groupby("expert"):
+      assert sub.G.is_monotonic_increasing and sub.L.is_monotonic_increasing
+    assert set(s[target]["axes"]) == {"eta", "b", "K"}
+  assert os.path.getsize(os.path.join(wd, "bound_vs_measured.png")) > 10_000
