@@ -57,6 +57,7 @@ import numpy as np
 import optax
 
 from stability.models import masked_logits, per_sample_loss
+from stability.sharding import on_one_device
 
 Params = Any
 Array = jax.Array
@@ -178,22 +179,6 @@ def _group_ids(group_ids: Any, g: np.ndarray) -> Array:
   return jnp.asarray(ids, jnp.int32)
 
 
-def _one_device(tree: Params) -> Params:
-  """`tree` with any leaf sharded over several devices gathered onto one device.
-
-  Merges read arbitrary members of the stack, so a stack sharded over the expert axis (as the
-  trainer returns it) would make XLA's partitioner all-gather inside every group's gather:
-  measured 16x slower and 9x more memory (17.6 GB) for 1,200 groups of 20 on 2 CPU devices.
-  Gathering once up front keeps merges at their single-device cost; the stack must then fit on
-  one device (for larger stacks, merge subsets of groups from host memory).
-  """
-  def spread(a):
-    return isinstance(a, jax.Array) and len(a.sharding.device_set) > 1
-  if not any(spread(a) for a in jax.tree.leaves(tree)):
-    return tree
-  return jax.device_put(tree, jax.devices()[0])
-
-
 def _prepare(x0, stack, groups, tasks, chunk_size):
   E = _check_trees(x0, stack)
   g = _check_groups(groups, E, tasks)
@@ -281,7 +266,7 @@ def average(x0: Params, stack: Params, groups: Any, weights: Any = None, *,
   [G, M] >= 0 are normalised per group. Returns leaves [G, ...].
   """
   _, g, chunk_size = _prepare(x0, stack, groups, tasks, chunk_size)
-  x0, stack = _one_device(x0), _one_device(stack)
+  x0, stack = on_one_device(x0), on_one_device(stack)
   w = _check_weights(weights, g.shape, average=True)
   return _run_linear(x0, stack, g, w, np.zeros(g.shape[0], np.float32), chunk_size)
 
@@ -313,7 +298,7 @@ def task_arithmetic(x0: Params, stack: Params, groups: Any, weights: Any = None,
   and are NOT normalised, so lam = 1/M with unit weights is the simple average.
   """
   _, g, chunk_size = _prepare(x0, stack, groups, tasks, chunk_size)
-  x0, stack = _one_device(x0), _one_device(stack)
+  x0, stack = on_one_device(x0), on_one_device(stack)
   lam = _check_scalar("lam", lam, 0.0, math.inf, what=" (finite)")
   w = _check_weights(weights, g.shape, average=False)
   c = lam * w
@@ -419,7 +404,7 @@ def ties(x0: Params, stack: Params, groups: Any, *, k: float = 0.2, lam: float =
   (top-20%) and lam = 1.0 are the paper's defaults without a validation set.
   """
   _, g, chunk_size = _prepare(x0, stack, groups, tasks, chunk_size)
-  x0, stack = _one_device(x0), _one_device(stack)
+  x0, stack = on_one_device(x0), on_one_device(stack)
   k = _check_scalar("k", k, 0.0, 1.0, lo_open=True, what=" (fraction of entries kept)")
   lam = _check_scalar("lam", lam, 0.0, math.inf, what=" (finite)")
   uniq, inv = _unique(g)
@@ -487,7 +472,7 @@ def dare(x0: Params, stack: Params, groups: Any, weights: Any = None, *, key: An
   docstring (one draw per group, keyed by the group's row). p = 0 reproduces `base` exactly.
   """
   _, g, chunk_size = _prepare(x0, stack, groups, tasks, chunk_size)
-  x0, stack = _one_device(x0), _one_device(stack)
+  x0, stack = on_one_device(x0), on_one_device(stack)
   if base not in _DARE_BASES:
     raise ValueError(f"base: unknown DARE base merge {base!r}; allowed: {', '.join(_DARE_BASES)}")
   p = _check_scalar("p", p, 0.0, 1.0, hi_open=True, what=" (drop rate)")
@@ -542,9 +527,9 @@ def fisher(x0: Params, stack: Params, groups: Any, weights: Any = None, *, fishe
   normalize_fisher_weight).
   """
   _, g, chunk_size = _prepare(x0, stack, groups, tasks, chunk_size)
-  x0, stack = _one_device(x0), _one_device(stack)
+  x0, stack = on_one_device(x0), on_one_device(stack)
   _check_like_stack("fishers", fishers, stack)
-  fishers = _one_device(fishers)
+  fishers = on_one_device(fishers)
   for f in jax.tree.leaves(fishers):
     if not bool(jnp.all(jnp.isfinite(f)) & jnp.all(f >= 0)):
       raise ValueError("fishers: must be finite and >= 0")
@@ -680,8 +665,8 @@ def regmean(x0: Params, stack: Params, groups: Any, weights: Any = None, *, gram
   use 0.1 (emotion) or no reduction (alpha = 1, GLUE).
   """
   E, g, chunk_size = _prepare(x0, stack, groups, tasks, chunk_size)
-  x0, stack = _one_device(x0), _one_device(stack)
-  grams = _one_device(grams)
+  x0, stack = on_one_device(x0), on_one_device(stack)
+  grams = on_one_device(grams)
   layout = _regmean_layout(x0, grams, E)
   alpha = _check_scalar("alpha", alpha, 0.0, 1.0)
   ridge = _check_scalar("ridge", ridge, 0.0, math.inf, what=" (finite)")
@@ -794,12 +779,12 @@ def adamerging_coefficients(x0: Params, stack: Params, groups: Any, *, model: An
   g, step i use fold_in(fold_in(key, g), i).
   """
   E, g, chunk_size = _prepare(x0, stack, groups, tasks, chunk_size)
-  x0, stack = _one_device(x0), _one_device(stack)
+  x0, stack = on_one_device(x0), on_one_device(stack)
   if granularity not in _GRANULARITIES:
     raise ValueError(f"granularity: unknown {granularity!r}; allowed: "
                      f"{', '.join(_GRANULARITIES)}")
   x, nc, m, _ = _check_data(E, x, num_classes, mask, heads)
-  heads = _one_device(heads)
+  heads = on_one_device(heads)
   key = _check_key(key)
   for name, v in (("steps", steps), ("batch_size", batch_size)):
     if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
@@ -825,7 +810,7 @@ def adamerging(x0: Params, stack: Params, groups: Any, *, model: Any, heads: Par
                                 batch_size=batch_size, init=init, chunk_size=chunk_size,
                                 tasks=tasks, group_ids=group_ids)
   g = np.asarray(groups, np.int32)
-  x0, stack = _one_device(x0), _one_device(stack)
+  x0, stack = on_one_device(x0), on_one_device(stack)
   L = _num_leaves(x0)
   lam = jnp.broadcast_to(lam.reshape(lam.shape[:2] + (-1,)), lam.shape[:2] + (L,))
   return _linear(x0, stack, jnp.asarray(g), lam, 1.0 - jnp.sum(lam, axis=1),
@@ -883,9 +868,9 @@ def greedy_soup(x0: Params, stack: Params, groups: Any, *, model: Any, heads: Pa
   {'included' [G, M] (member order), 'accuracy' [G], 'member_accuracy' [G, M]}.
   """
   E, g, chunk_size = _prepare(x0, stack, groups, tasks, chunk_size)
-  x0, stack = _one_device(x0), _one_device(stack)
+  x0, stack = on_one_device(x0), on_one_device(stack)
   x, nc, m, y = _check_data(E, x, num_classes, mask, heads, y=y)
-  heads = _one_device(heads)
+  heads = on_one_device(heads)
   soup, info = _greedy_soup(x0, stack, jnp.asarray(g), heads, x, y, nc, m, model, chunk_size)
   return (soup, info) if return_info else soup
 
@@ -911,9 +896,9 @@ def ensemble(x0: Params, stack: Params, groups: Any, weights: Any = None, *, mod
   unused (kept for a uniform signature). x [E, N, H, W, C], heads [E, ...], num_classes [E].
   """
   E, g, chunk_size = _prepare(x0, stack, groups, tasks, chunk_size)
-  x0, stack = _one_device(x0), _one_device(stack)
+  x0, stack = on_one_device(x0), on_one_device(stack)
   x, nc, _, _ = _check_data(E, x, num_classes, None, heads)
-  heads = _one_device(heads)
+  heads = on_one_device(heads)
   w = _check_weights(weights, g.shape, average=True)
   return _ensemble(stack, jnp.asarray(g), jnp.asarray(w), heads, x, nc, model, chunk_size)
 
@@ -956,7 +941,7 @@ def slerp(x0: Params, stack: Params, groups: Any, *, t: float = 0.5,
   applies it to the weights; here, as asked, to the task vectors).
   """
   _, g, chunk_size = _prepare(x0, stack, groups, tasks, chunk_size)
-  x0, stack = _one_device(x0), _one_device(stack)
+  x0, stack = on_one_device(x0), on_one_device(stack)
   if g.shape[1] != 2:
     raise ValueError(f"groups: slerp merges pairs (M=2), got M={g.shape[1]}")
   t = _check_scalar("t", t, 0.0, 1.0)
@@ -1002,7 +987,7 @@ def model_stock(x0: Params, stack: Params, groups: Any, *, chunk_size: int | Non
   assumes cos(theta) > 0; a negative cosine gives t < 0.
   """
   _, g, chunk_size = _prepare(x0, stack, groups, tasks, chunk_size)
-  x0, stack = _one_device(x0), _one_device(stack)
+  x0, stack = on_one_device(x0), on_one_device(stack)
   if g.shape[1] < 2:
     raise ValueError(f"groups: model_stock needs M >= 2 members, got M={g.shape[1]}")
   return _model_stock(x0, stack, jnp.asarray(g), chunk_size)
@@ -1064,7 +1049,7 @@ def diagnostics(x0: Params, stack: Params, groups: Any, *, k: float = 0.2, p: fl
                                p=p)` uses (only when key is given)
   """
   _, g, chunk_size = _prepare(x0, stack, groups, tasks, chunk_size)
-  x0, stack = _one_device(x0), _one_device(stack)
+  x0, stack = on_one_device(x0), on_one_device(stack)
   k = _check_scalar("k", k, 0.0, 1.0, lo_open=True, what=" (fraction of entries kept)")
   p = _check_scalar("p", p, 0.0, 1.0, hi_open=True, what=" (drop rate)")
   with_dare = key is not None

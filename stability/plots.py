@@ -49,6 +49,18 @@ def _finish(fig, path):
   return fig
 
 
+def _log_axes(ax, xlabel: str, title: str, *, ylabel: str | None = None, legend: int = 8):
+  """Log-log axes with labels, a grid and a legend (the stability figures' common styling)."""
+  ax.set_xscale("log")
+  ax.set_yscale("log")
+  ax.set_xlabel(xlabel)
+  if ylabel:
+    ax.set_ylabel(ylabel)
+  ax.set_title(title, fontsize=10)
+  ax.grid(alpha=0.3, which="both")
+  ax.legend(fontsize=legend)
+
+
 def _errorbar(ax, est: pd.DataFrame, x: str, label: str):
   """Mean with its 95% t-interval (columns of `twins.estimate_table`)."""
   lo = (est["mean"] - est["ci_lo"]).clip(lower=0)
@@ -95,14 +107,9 @@ def merged_stability_vs_M(df: pd.DataFrame, path: str | None = None):
   axes[0].plot(Ms, member.values / Ms ** 2, "k--", label="member mean / M^2")
   axes[1].plot(Ms, 1 / Ms ** 2, "k--", label="1/M^2")
   for ax, t in zip(axes, [f"merged eps^2 (backbone), K={Kmax}", "merged / member eps^2"]):
-    ax.set_xscale("log")
-    ax.set_yscale("log")
+    _log_axes(ax, "M (experts merged)", t)
     ax.set_xticks(Ms, [f"{m:g}" for m in Ms])
     ax.minorticks_off()
-    ax.set_xlabel("M (experts merged)")
-    ax.set_title(t, fontsize=10)
-    ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=8)
   return _finish(fig, path)
 
 
@@ -121,13 +128,7 @@ def merged_vs_members(df: pd.DataFrame, path: str | None = None):
     x = np.geomspace(sub["member_sq_backbone"].min(), sub["member_sq_backbone"].max(), 10)
     for M in sorted(sub["M"].unique()):
       ax.plot(x, x / M ** 2, "k--", lw=1, label=f"member / M^2 (M={int(M)})")
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlabel("mean member eps^2")
-    ax.set_ylabel("merged eps^2")
-    ax.set_title(name, fontsize=10)
-    ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=7)
+    _log_axes(ax, "mean member eps^2", name, ylabel="merged eps^2", legend=7)
   return _finish(fig, path)
 
 
@@ -166,11 +167,6 @@ def bound_vs_measured(tables: dict[str, pd.DataFrame], path: str | None = None):
     lo = float(t.loc[ok, "measured"].min())
     hi = float(max(t.loc[ok, "bound"].max(), t.loc[ok, "measured"].max()))
     ax.plot([lo, hi], [lo, hi], "k--", lw=1, label="y = x")
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlabel(f"measured {target}")
-    ax.set_ylabel(f"non-convex bound on {target}")
-    ax.set_title(f"{target}: {int(ok.sum())} of {len(t)} bounds finite", fontsize=10)
-    ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=7)
+    _log_axes(ax, f"measured {target}", f"{target}: {int(ok.sum())} of {len(t)} bounds finite",
+              ylabel=f"non-convex bound on {target}", legend=7)
   return _finish(fig, path)

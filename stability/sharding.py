@@ -70,3 +70,19 @@ def pad_experts(experts, multiple: int):
   K = np.array(padded.K)
   K[E:] = 0
   return padded.replace(K=K)
+
+
+def on_one_device(tree: Any) -> Any:
+  """`tree` with any leaf sharded over several devices gathered onto one device.
+
+  For stages that read arbitrary rows of an expert stack (merges, per-row statistics of merge
+  groups): with the stack sharded over the expert axis, XLA's partitioner all-gathers inside
+  every gather, measured 16x slower and 9x more memory (17.6 GB) for 1,200 merge groups of 20
+  on 2 CPU devices. One gather up front keeps them at single-device cost; the stack must then
+  fit on one device (for larger stacks, process subsets of groups from host memory).
+  """
+  def spread(a):
+    return isinstance(a, jax.Array) and len(a.sharding.device_set) > 1
+  if not any(spread(a) for a in jax.tree.leaves(tree)):
+    return tree
+  return jax.device_put(tree, jax.devices()[0])

@@ -12,6 +12,7 @@ Row kinds: `expert` (one per expert x K), `merged_task` (one per group x config 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import logging
 import os
@@ -32,9 +33,12 @@ from stability import models as models_lib
 from stability import plots
 from stability import pretrain as pretrain_lib
 from stability import results as results_lib
+from stability import sharding as sharding_lib
 from stability import tasks as tasks_lib
 from stability import train as train_lib
 from stability import twins as twins_lib
+from theory import compare as compare_lib
+from theory import constants as constants_lib
 from theory import fit as fit_lib
 
 log = logging.getLogger(__name__)
@@ -324,10 +328,11 @@ def run_stability(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any
     if st.constants:
       rows += constant_rows(ctx, spec, params_of(snap.params, originals.size), originals, K,
                             st.constants_samples, st.seed)
+    merge_params = sharding_lib.on_one_device(snap.params) if group_sets else None
     for M, (groups, group_cfg, group_id) in group_sets.items():
       for name, fn in merges.items():
-        out = twins_lib.merged_sq_distances(fn, ctx.backbone0, snap.params["backbone"],
-                                            snap.params["head"], groups, spec)
+        out = twins_lib.merged_sq_distances(fn, ctx.backbone0, merge_params["backbone"],
+                                            merge_params["head"], groups, spec)
         rows += merged_twin_rows(spec, suite, groups, group_cfg, group_id, out, sq, role, name,
                                  K, ctx.common)
     return rows
@@ -338,29 +343,29 @@ def run_stability(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any
 
 def params_of(params, E: int):
   """The first E rows (the originals) of a stack, on one device."""
-  return jax.device_put(jax.tree.map(lambda a: a[:E], params), jax.devices()[0])
+  return sharding_lib.on_one_device(jax.tree.map(lambda a: a[:E], params))
+
+
+def _expert_constants(model, params, x, y, mask, num_classes, key):
+  """(G_max, L, sigma2) of ONE expert on its samples (`theory.constants`)."""
+  loss_fn = lambda p, xi, yi: models_lib.per_sample_loss(model, p, xi[None], yi[None],
+                                                         num_classes)[0][0]
+  gs = constants_lib.gradient_stats(loss_fn, params, x, y, mask)
+  he = constants_lib.top_hessian_eigenvalue(loss_fn, params, x, y, key, mask, num_iters=20)
+  return gs["G_max"], he["L"], gs["sigma2"]
 
 
 def constant_rows(ctx, spec, params, originals, K, samples: int, seed: int) -> list[dict]:
   """Per original expert at K: G_max (largest per-sample gradient norm), L (top Hessian
   eigenvalue of its training loss, 20 power iterations) and sigma2, on the first `samples`
   positions of its training subset (`theory.constants`)."""
-  from theory import constants as constants_lib
   S = min(samples, originals.subset.shape[1])
   t = originals.task[:, None]
   rows_S = originals.subset[:, :S]
   x, y = ctx.arrays.x_pool[t, rows_S], ctx.arrays.y_pool[t, rows_S]
   mask = (np.arange(S)[None] < originals.n[:, None]).astype(np.float32)
   keys = jax.random.split(jax.random.fold_in(jax.random.key(seed), K), originals.size)
-
-  def one(p, x, y, m, nc, key):
-    loss_fn = lambda p, xi, yi: models_lib.per_sample_loss(ctx.model, p, xi[None], yi[None],
-                                                           nc)[0][0]
-    gs = constants_lib.gradient_stats(loss_fn, p, x, y, m)
-    he = constants_lib.top_hessian_eigenvalue(loss_fn, p, x, y, key, m, num_iters=20)
-    return gs["G_max"], he["L"], gs["sigma2"]
-
-  G, L, s2 = (np.asarray(v) for v in _per_row(one, params, x, y, mask,
+  G, L, s2 = (np.asarray(v) for v in _per_row(_expert_constants, ctx.model, params, x, y, mask,
                                                jnp.asarray(originals.num_classes), keys))
   return [dict(ctx.common, kind="constants", expert=e, K=K, eta=float(originals.eta[e]),
                b=int(originals.b[e]), n=int(originals.n[e]),
@@ -372,7 +377,6 @@ def constant_rows(ctx, spec, params, originals, K, samples: int, seed: int) -> l
 def theory_comparison(df) -> dict[str, Any]:
   """Per original expert and K: measured eps^2 (mean over its twins) and gap against the
   non-convex bounds with G and L the largest estimates along its trajectory up to K."""
-  from theory import compare as compare_lib
   ex = df[df.kind == "expert"]
   const = df[df.kind == "constants"].sort_values("K")
   const = const.assign(G=const.groupby("expert").G_max.cummax(),
@@ -381,11 +385,8 @@ def theory_comparison(df) -> dict[str, Any]:
   orig = ex[ex.role == "original"].set_index(["expert", "K"])[["gap", "train_loss"]]
   table = const.set_index(["expert", "K"])[["eta", "b", "n", "data_ratio", "G", "L"]].join(
       orig).join(eps.rename_axis(["expert", "K"])).reset_index()
-  out = {}
-  for target in ("eps2", "gap"):
-    c = compare_lib.compare(table, L="L", G="G", target=target, convex=False)
-    out[target] = c
-  return out
+  return {target: compare_lib.compare(table, L="L", G="G", target=target, convex=False)
+          for target in ("eps2", "gap")}
 
 
 def merged_twin_rows(spec, suite, groups, group_cfg, group_id, out, member_sq, role, algorithm,
@@ -460,7 +461,7 @@ def summarize_stability(cfg, workdir: str, **extra) -> dict[str, Any]:
             slope=round(float(f.slope[0]), 3), ci=[round(float(c), 3) for c in f.ci_slope[0]])
   if (df.kind == "constants").any():
     comp = theory_comparison(df)
-    summary["theory"] = {t: {k: v for k, v in c.summary.items()} for t, c in comp.items()}
+    summary["theory"] = {t: c.summary for t, c in comp.items()}
     if jax.process_index() == 0:
       for t, c in comp.items():
         c.table.to_csv(os.path.join(workdir, f"theory_{t}.csv"), index=False)
@@ -527,9 +528,12 @@ class MergeData:
                    np.float32))
 
 
-def _per_row(fn, *xs, batch_size: int = 8):
-  """fn over the leading (row) axis in batches, so per-example intermediates stay bounded."""
-  return jax.jit(lambda *a: jax.lax.map(lambda r: fn(*r), a, batch_size=batch_size))(*xs)
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _per_row(fn, model, *xs):
+  """fn(model, *row) over the leading (row) axis of xs in batches of 8, so per-example
+  intermediates stay bounded; `fn` is a module-level function, so this compiles once per
+  shape, not once per milestone."""
+  return jax.lax.map(lambda r: fn(model, *r), xs, batch_size=8)
 
 
 def compare_merge_fns(cfg, model, params, spec, md: MergeData) -> dict[str, twins_lib.MergeFn]:
@@ -539,13 +543,11 @@ def compare_merge_fns(cfg, model, params, spec, md: MergeData) -> dict[str, twin
   needs = set(cfg.compare.merges)
   extra: dict[str, dict] = {}
   if "fisher" in needs:
-    extra["fisher"] = dict(fishers=_per_row(
-        lambda p, x, y, c, m: merge_lib.diag_fisher(model, p, x, y, c, m),
-        params, md.x, md.y, nc, md.mask))
+    extra["fisher"] = dict(fishers=_per_row(merge_lib.diag_fisher, model, params, md.x, md.y,
+                                            jnp.asarray(nc), md.mask))
   if "regmean" in needs:
-    extra["regmean"] = dict(grams=_per_row(
-        lambda b, x, m: merge_lib.gram_matrices(model, b, x, m), params["backbone"], md.x,
-        md.mask))
+    extra["regmean"] = dict(grams=_per_row(merge_lib.gram_matrices, model, params["backbone"],
+                                           md.x, md.mask))
   for name in ("adamerging_task", "adamerging_layer"):
     extra[name] = dict(model=model, heads=params["head"], x=md.x_test, num_classes=nc, key=key,
                        mask=md.mask_test, steps=cfg.compare.adamerging_steps)
@@ -588,11 +590,11 @@ def run_compare(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   groups, group_cfg, group_id = config_groups(len(configs), len(task_ids), cfg.sweep.group_size,
                                               cfg.sweep.num_groups)
   md = MergeData.build(spec, suite.arrays(), cfg.compare.samples)
+  is_twin = twins_lib.roles(spec) == "twin"
 
   def rows_at(K, snap, ctx):
-    # One device copy for the merge stage: the per-row statistics and merges read arbitrary
-    # rows, and collectives between host devices here were seen to deadlock (2 CPU devices).
-    params = jax.device_put(snap.params, jax.devices()[0])
+    # The per-row statistics and the merges read arbitrary rows: gather the stack once.
+    params = sharding_lib.on_one_device(snap.params)
     member_sq = twins_lib.sq_distances(params, spec)
     fns = compare_merge_fns(cfg, ctx.model, params, spec, md)
     member_spec = spec.take(groups.reshape(-1))
@@ -605,7 +607,7 @@ def run_compare(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       member = evaluate_lib.member_params(out["merged"], params["head"], groups)
       ev = {k: np.asarray(v).reshape(G, M).mean(1)
             for k, v in evaluate_lib.evaluate(ctx.model, member, member_spec, ctx.data).items()}
-      tw = twins_lib.roles(spec)[out["row"]] == "twin"
+      tw = is_twin[out["row"]]
       for g in range(G):
         sel = tw & (out["base"] == g)
         rows.append(_compare_row(ctx, spec, suite, groups, g, group_cfg, group_id, name, K,

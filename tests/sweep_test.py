@@ -10,11 +10,26 @@ from experiments import run as runner
 from stability import results, sweep, tasks
 
 
+def run_ok(tmp_path_factory, config: str) -> str:
+  """Runs experiments/<config>.py through the runner into a fresh workdir; returns it."""
+  wd = str(tmp_path_factory.mktemp(config))
+  assert runner.main([f"experiments/{config}.py", "--workdir", wd]) == 0
+  return wd
+
+
+def fails_before_compute(tmp_path, capsys, config: str, arg: str) -> str:
+  """Runs with a bad override: exit 2, nothing stored; returns the error line."""
+  wd = tmp_path / "w"
+  assert runner.main([f"experiments/{config}.py", "--workdir", str(wd), arg]) == 2
+  err = capsys.readouterr().err.strip()
+  assert len(err.splitlines()) == 1
+  assert not (wd / results.DB).exists()
+  return err
+
+
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
-  wd = str(tmp_path_factory.mktemp("main_tiny"))
-  assert runner.main(["experiments/main_tiny.py", "--workdir", wd]) == 0
-  return wd
+  return run_ok(tmp_path_factory, "main_tiny")
 
 
 def test_main_job_writes_tidy_tables_and_figure(workdir):
@@ -59,11 +74,7 @@ def test_rerun_skips_finished_units(workdir):
     ("--config.optim.name=lion", "optim.name"),
     ("--config.sweep.bogus=1", "unknown config key")])
 def test_bad_input_fails_before_compute_with_one_line(tmp_path, capsys, arg, msg):
-  wd = tmp_path / "w"
-  assert runner.main(["experiments/main_tiny.py", "--workdir", str(wd), arg]) == 2
-  err = capsys.readouterr().err.strip()
-  assert msg in err and len(err.splitlines()) == 1
-  assert not (wd / results.DB).exists() or results.load(str(wd)).empty
+  assert msg in fails_before_compute(tmp_path, capsys, "main_tiny", arg)
 
 
 def test_make_groups_draw_distinct_tasks_deterministically():
@@ -78,9 +89,7 @@ def test_make_groups_draw_distinct_tasks_deterministically():
 
 @pytest.fixture(scope="module")
 def stability_dir(tmp_path_factory):
-  wd = str(tmp_path_factory.mktemp("stability_tiny"))
-  assert runner.main(["experiments/stability_tiny.py", "--workdir", wd]) == 0
-  return wd
+  return run_ok(tmp_path_factory, "stability_tiny")
 
 
 def test_stability_study_rows_roles_and_noise_floor(stability_dir):
@@ -125,11 +134,7 @@ def test_stability_study_summary_and_figures(stability_dir):
     ("--config.stability.figures=scatter", "stability.figures: unknown figure"),
     ("--config.stability.num_groups=0", "stability.num_groups")])
 def test_stability_bad_input_fails_before_compute(tmp_path, capsys, arg, msg):
-  wd = tmp_path / "w"
-  assert runner.main(["experiments/stability_tiny.py", "--workdir", str(wd), arg]) == 2
-  err = capsys.readouterr().err.strip()
-  assert msg in err and len(err.splitlines()) == 1
-  assert not (wd / results.DB).exists()
+  assert msg in fails_before_compute(tmp_path, capsys, "stability_tiny", arg)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -137,9 +142,7 @@ def test_stability_bad_input_fails_before_compute(tmp_path, capsys, arg, msg):
 
 @pytest.fixture(scope="module")
 def compare_dir(tmp_path_factory):
-  wd = str(tmp_path_factory.mktemp("compare_tiny"))
-  assert runner.main(["experiments/compare_merges_tiny.py", "--workdir", wd]) == 0
-  return wd
+  return run_ok(tmp_path_factory, "compare_merges_tiny")
 
 
 def test_compare_study_runs_every_algorithm_on_the_same_groups(compare_dir):
@@ -168,16 +171,13 @@ def test_compare_study_runs_every_algorithm_on_the_same_groups(compare_dir):
 
 
 def test_compare_bad_merge_name_fails_before_compute(tmp_path, capsys):
-  wd = tmp_path / "w"
-  assert runner.main(["experiments/compare_merges_tiny.py", "--workdir", str(wd),
-                      "--config.compare.merges=average,bogus"]) == 2
-  assert "compare.merges: unknown merge 'bogus'" in capsys.readouterr().err
-  assert not (wd / results.DB).exists()
+  err = fails_before_compute(tmp_path, capsys, "compare_merges_tiny",
+                             "--config.compare.merges=average,bogus")
+  assert "compare.merges: unknown merge 'bogus'" in err
 
 
-def test_theory_comparison_study_estimates_constants_and_compares(tmp_path):
-  wd = str(tmp_path / "theory")
-  assert runner.main(["experiments/theory_compare_tiny.py", "--workdir", wd]) == 0
+def test_theory_comparison_study_estimates_constants_and_compares(tmp_path_factory):
+  wd = run_ok(tmp_path_factory, "theory_compare_tiny")
   df = results.load(wd)
   const = df[df.kind == "constants"]
   E = 2 * 2 * 4  # eta x b x tasks (originals only)
