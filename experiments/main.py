@@ -62,6 +62,9 @@ def get_config() -> ml_collections.ConfigDict:
   # Trainer
   c.train = ml_collections.ConfigDict()
   c.train.max_chunk = 50               # steps per scanned chunk (divides every milestone)
+  c.train.checkpoint_every = 100       # steps between orbax checkpoints of the stack (0 = none)
+  c.train.memory_gb = 0.0              # per-device memory for the wave planner (0 = detect)
+  c.train.max_wave = 0                 # cap on experts per wave (0 = as many as fit)
 
   # Output
   c.output = ml_collections.ConfigDict()

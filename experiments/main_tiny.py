@@ -25,6 +25,7 @@ def get_config():
   c.sweep.num_groups = 3
   c.sweep.group_size = 2
   c.train.max_chunk = 10
+  c.train.checkpoint_every = 10
   c.output.cache_dir = ""
   c.output.progress = False
   return c

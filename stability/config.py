@@ -87,5 +87,30 @@ def to_dict(cfg: ml_collections.ConfigDict) -> dict:
   return json.loads(cfg.to_json_best_effort(sort_keys=True))
 
 
+# Sections that change how a run reports, never what it computes: excluded from the hash and
+# free to differ when a workdir is resumed.
+PRESENTATION = ("output",)
+
+
+def results_part(d: dict) -> dict:
+  """A config dict without its presentation sections."""
+  return {k: v for k, v in d.items() if k not in PRESENTATION}
+
+
 def config_hash(cfg: ml_collections.ConfigDict) -> str:
-  return hashlib.sha256(json.dumps(to_dict(cfg), sort_keys=True).encode()).hexdigest()[:12]
+  """Hash of everything that determines the results (not `output.*`)."""
+  return hashlib.sha256(json.dumps(results_part(to_dict(cfg)), sort_keys=True).encode()
+                        ).hexdigest()[:12]
+
+
+def first_difference(a, b, prefix: str = "config") -> str | None:
+  """Dotted path of the first field where two config dicts differ, or None."""
+  if isinstance(a, dict) and isinstance(b, dict):
+    for k in sorted(set(a) | set(b)):
+      if k not in a or k not in b:
+        return f"{prefix}.{k}"
+      d = first_difference(a[k], b[k], f"{prefix}.{k}")
+      if d:
+        return d
+    return None
+  return None if a == b else prefix

@@ -20,6 +20,8 @@ from typing import Any, Iterable
 import numpy as np
 import pandas as pd
 
+from stability import config as config_lib
+
 DB = "results.sqlite"
 
 
@@ -82,6 +84,45 @@ def load(workdir: str) -> pd.DataFrame:
   with sqlite3.connect(path) as db:
     rows = [json.loads(d) for (d,) in db.execute("SELECT data FROM rows ORDER BY id")]
   return pd.DataFrame(rows)
+
+
+CONFIG = "config.json"
+
+
+def check_workdir(workdir: str, cfg: dict) -> None:
+  """Fails (creating nothing) unless `workdir` can be written and holds no other config.
+
+  A workdir belongs to one study config: resuming with the same results-determining fields
+  (`config.results_part`) continues it; anything else is an error naming the first difference.
+  """
+  path = os.path.abspath(workdir)
+  probe = path
+  while not os.path.exists(probe):
+    probe = os.path.dirname(probe)
+  if not os.path.isdir(probe):
+    raise ValueError(f"workdir: cannot create {workdir!r}: {probe!r} is not a directory")
+  if not os.access(probe, os.W_OK | os.X_OK):
+    raise ValueError(f"workdir: {probe!r} is not writable")
+  saved_path = os.path.join(path, CONFIG)
+  if os.path.exists(saved_path):
+    with open(saved_path) as f:
+      saved = json.load(f)
+    if saved.get("study") != cfg.get("study"):
+      raise ValueError(f"workdir: {workdir!r} holds a {saved.get('study')!r} study; this run is "
+                       f"{cfg.get('study')!r}; use another workdir")
+    diff = config_lib.first_difference(config_lib.results_part(saved),
+                                       config_lib.results_part(cfg))
+    if diff:
+      raise ValueError(f"workdir: {workdir!r} holds a different {cfg.get('study')!r} config "
+                       f"(first difference: {diff}); use another workdir or the same config")
+  elif os.path.exists(os.path.join(path, DB)):
+    raise ValueError(f"workdir: {workdir!r} has results but no {CONFIG}; use another workdir")
+
+
+def write_config(workdir: str, cfg: dict) -> None:
+  """Records the run's config (atomically) so a rerun can check it resumes the same sweep."""
+  os.makedirs(workdir, exist_ok=True)
+  write_json_atomic(os.path.join(workdir, CONFIG), cfg)
 
 
 def write_json_atomic(path: str, obj: Any) -> None:

@@ -10,6 +10,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 AXIS = "experts"
@@ -29,7 +30,16 @@ def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
+def to_host(x) -> np.ndarray:
+  """A global array as numpy on every process (gathered across processes when it spans them)."""
+  if isinstance(x, jax.Array) and not x.is_fully_addressable:
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+  return np.asarray(x)
+
+
 def _put(x, sharding: NamedSharding):
+  if isinstance(x, jax.Array) and not sharding.is_fully_addressable and x.is_fully_addressable:
+    x = np.asarray(x)  # a process-local array onto a mesh spanning processes goes through host
   if isinstance(x, np.ndarray) or np.isscalar(x):
     x = np.asarray(x)
     # Works when the mesh spans devices of other processes: each process fills its own shards.
@@ -85,4 +95,7 @@ def on_one_device(tree: Any) -> Any:
     return isinstance(a, jax.Array) and len(a.sharding.device_set) > 1
   if not any(spread(a) for a in jax.tree.leaves(tree)):
     return tree
-  return jax.device_put(tree, jax.devices()[0])
+  # With several processes every process gets the whole tree on its first local device.
+  local = lambda a: a if not isinstance(a, jax.Array) or a.is_fully_addressable else to_host(a)
+  return jax.device_put(jax.tree.map(local, tree),
+                        jax.local_devices()[0])

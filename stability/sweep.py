@@ -16,6 +16,7 @@ import functools
 import itertools
 import logging
 import os
+import shutil
 import time
 from typing import Any, Callable
 
@@ -23,13 +24,16 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from jax.experimental import multihost_utils
 from tqdm.auto import tqdm
 
+from stability import checkpoint as checkpoint_lib
 from stability import config as config_lib
 from stability import evaluate as evaluate_lib
 from stability import experts as experts_lib
 from stability import merge as merge_lib
 from stability import models as models_lib
+from stability import planner
 from stability import plots
 from stability import pretrain as pretrain_lib
 from stability import results as results_lib
@@ -135,71 +139,166 @@ class Context:
   common: dict
 
 
-def train_milestones(cfg: ml_collections.ConfigDict, workdir: str, suite: tasks_lib.Suite,
-                     spec: experts_lib.Experts,
-                     rows_at: Callable[[int, train_lib.TrainState, Context], list[dict]]
-                     ) -> dict[str, Any] | None:
-  """Trains `spec` from the pretrained base and stores `rows_at(K, snapshot, ctx)` as unit
-  "K=<K>" at every milestone. Returns timing info, or None when every unit was already done."""
-  t_start = time.time()
-  is_writer = jax.process_index() == 0
-  store = results_lib.Store(workdir) if is_writer else None
-  milestones = [int(k) for k in cfg.sweep.milestones]
-  if store is not None and all(store.done(f"K={k}") for k in milestones):
-    log.info("all %d milestones already in %s; nothing to do", len(milestones), workdir)
-    return None
-
+def make_context(cfg: ml_collections.ConfigDict, suite: tasks_lib.Suite) -> Context:
+  """The model, the pretrained base (cached or trained once per run) and the suite's arrays."""
   model = _model(cfg, suite)
-  backbone0 = base_backbone(cfg, suite, model)
   arrays = suite.arrays()
-  params = experts_lib.init_stack(model, backbone0, spec, suite.image_shape)
-  trainer = train_lib.Trainer(model, cfg.optim.name, spec, train_lib.Pools.from_arrays(arrays),
-                              max_chunk=cfg.train.max_chunk)
-  ctx = Context(suite=suite, model=model, backbone0=backbone0, arrays=arrays,
-                data=evaluate_lib.EvalData.from_arrays(arrays),
-                common=dict(study=cfg.study, config_hash=config_lib.config_hash(cfg),
-                            suite=suite.name, model=cfg.model.name))
-  state = trainer.init(params)
+  return Context(suite=suite, model=model, backbone0=base_backbone(cfg, suite, model),
+                 arrays=arrays, data=evaluate_lib.EvalData.from_arrays(arrays),
+                 common=dict(study=cfg.study, config_hash=config_lib.config_hash(cfg),
+                             suite=suite.name, model=cfg.model.name))
+
+
+# Row fields holding an expert row or a config index: offset per wave so ids are sweep-global.
+_EXPERT_IDS, _CONFIG_IDS = ("expert", "origin", "twin"), ("config",)
+
+
+def _units(milestones, wave: int) -> list[str]:
+  return [f"wave={wave}/K={k}" for k in milestones]
+
+
+def _done(store: results_lib.Store | None, units: list[str]) -> np.ndarray:
+  """Which units the store holds, as process 0 sees it, on every process."""
+  done = np.array([store.done(u) for u in units] if store is not None else [False] * len(units))
+  if jax.process_count() > 1:
+    done = np.asarray(multihost_utils.broadcast_one_to_all(done))
+  return done.astype(bool)
+
+
+def sweep_waves(cfg: ml_collections.ConfigDict, workdir: str, suite: tasks_lib.Suite,
+                num_configs: int, experts_per_config: int, num_groups: int,
+                make_wave: Callable[[np.ndarray], tuple[experts_lib.Experts, Callable]]
+                ) -> dict[str, Any] | None:
+  """Trains the sweep wave by wave (`planner`), storing each wave's rows at every milestone.
+
+  `make_wave(config_ids)` returns the wave's expert specs and `rows_at(K, snapshot, ctx)`, whose
+  rows use wave-local expert rows and config indices (offset here to sweep-global ones). Returns
+  timing info, or None when every unit was already done.
+  """
+  t_start = time.time()
+  milestones = [int(k) for k in cfg.sweep.milestones]
+  is_writer = jax.process_index() == 0
+  model = _model(cfg, suite)
+  b_max = int(max(cfg.sweep.batch_size))
+  the_plan = planner.plan(model, cfg.optim.name, suite.image_shape, configs=num_configs,
+                          experts_per_config=experts_per_config, b_max=b_max,
+                          milestones=milestones, groups=num_groups,
+                          memory_gb=cfg.train.memory_gb, max_wave=cfg.train.max_wave)
+  waves = the_plan.waves
+  first = make_wave(np.asarray(waves[0]))  # validates the study's settings before any output
+  store = results_lib.Store(workdir) if is_writer else None
+  done = [_done(store, _units(milestones, w)) for w in range(len(waves))]
+  if all(d.all() for d in done):
+    log.info("all %d units already in %s; nothing to do", sum(map(len, done)), workdir)
+    return None
+  log.info("plan:\n%s", the_plan.describe())
+  results_lib.write_config(workdir, config_lib.to_dict(cfg)) if is_writer else None
+  ctx = make_context(cfg, suite)
   metrics_log = results_lib.MetricsLog(workdir) if is_writer else None
-  bar = tqdm(total=milestones[-1], desc=f"{spec.size} experts", unit="step",
+  bar = tqdm(total=the_plan.expert_steps, desc=f"{the_plan.experts} experts, {len(waves)} waves",
+             unit="expert-step", unit_scale=True,
              disable=not (is_writer and cfg.output.progress))
-  done_steps = [0]
-
-  def progress(k, loss_E):
-    bar.update(k - done_steps[0])
-    done_steps[0] = k
-    bar.set_postfix(loss=f"{np.nanmean(loss_E):.3f}")
-    if metrics_log is not None:
-      metrics_log.log(step=k, mean_loss=float(np.nanmean(loss_E)), time=time.time() - t_start)
-
-  for K, snap in trainer.run(state, milestones, progress=progress):
-    rows = rows_at(K, trainer.unpad(snap), ctx)
-    if store is not None:
-      store.write(f"K={K}", rows)
+  expert_offset = 0
+  for w, config_ids in enumerate(waves):
+    spec, rows_at = first if w == 0 else make_wave(np.asarray(config_ids))
+    units = _units(milestones, w)
+    if done[w].all():
+      bar.update(spec.size * milestones[-1])
+    else:
+      _train_wave(cfg, workdir, ctx, spec, rows_at, w, units, done[w], store, bar, metrics_log,
+                  offsets=(expert_offset, int(config_ids[0])))
+    expert_offset += spec.size
   bar.close()
   if metrics_log is not None:
     metrics_log.close()
-  return dict(wall_time=time.time() - t_start, expert_steps=spec.size * milestones[-1])
+  return dict(wall_time=time.time() - t_start, expert_steps=the_plan.expert_steps,
+              waves=len(waves))
+
+
+def _train_wave(cfg, workdir, ctx, spec, rows_at, wave, units, done, store, bar, metrics_log, *,
+                offsets):
+  """One wave: restore its latest checkpoint, train, store each milestone, checkpoint."""
+  milestones = [int(k) for k in cfg.sweep.milestones]
+  trainer = train_lib.Trainer(ctx.model, cfg.optim.name, spec,
+                              train_lib.Pools.from_arrays(ctx.arrays),
+                              max_chunk=cfg.train.max_chunk)
+  state = trainer.init(experts_lib.init_stack(ctx.model, ctx.backbone0, spec,
+                                              ctx.suite.image_shape))
+  ckpt = checkpoint_lib.StackCheckpoints(os.path.join(workdir, "checkpoints", f"wave={wave}"),
+                                         cfg.train.checkpoint_every)
+  # A checkpoint at step s was saved after every milestone <= s was stored: resume from the
+  # latest one that the store agrees with.
+  C = trainer.chunk(milestones)
+  start = max([0] + [s for s in ckpt.steps() if s % C == 0
+                     and all(done[i] for i, k in enumerate(milestones) if k <= s)])
+  if start:
+    state = ckpt.restore(start, state)
+  bar.update(spec.size * start)
+  t0, steps_done = time.time(), [start]
+  expert_offset, config_offset = offsets
+
+  def progress(k, loss_E):
+    bar.update(spec.size * (k - steps_done[0]))
+    steps_done[0] = k
+    bar.set_postfix(wave=wave, loss=f"{np.nanmean(loss_E):.3f}")
+    if metrics_log is not None:
+      metrics_log.log(wave=wave, step=k, mean_loss=float(np.nanmean(loss_E)),
+                      time=time.time() - t0)
+
+  for K, snap in trainer.run(state, milestones, start=start, progress=progress,
+                             checkpoint=ckpt.save, checkpoint_due=ckpt.due):
+    unit = units[milestones.index(K)]
+    if done[milestones.index(K)]:
+      continue
+    if jax.process_count() > 1:
+      snap = sharding_lib.on_one_device(snap)  # every process computes the rows from all rows
+    rows = rows_at(K, trainer.unpad(snap), ctx)
+    for r in rows:
+      r["wave"] = wave
+      for f in _EXPERT_IDS:
+        if f in r:
+          r[f] += expert_offset
+      for f in _CONFIG_IDS:
+        if f in r:
+          r[f] += config_offset
+    if store is not None:
+      store.write(unit, rows)
+  ckpt.close()
+  if cfg.train.checkpoint_every and jax.process_index() == 0:
+    shutil.rmtree(ckpt.directory, ignore_errors=True)  # the wave's results are all stored
 
 
 def run_main(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Runs the main job into `workdir`; returns a summary dict (also written as summary.json)."""
   validate(cfg)
   suite = tasks_lib.get_suite(cfg.data.suite, cfg.seed)
-  spec, configs, task_ids = build_grid(cfg, suite)
-  groups, group_cfg, group_id = config_groups(len(configs), len(task_ids), cfg.sweep.group_size,
-                                              cfg.sweep.num_groups)
+  all_experts, configs, task_ids = build_grid(cfg, suite)
+  T = len(task_ids)
 
-  def rows_at(K, snap, ctx):
-    rows = expert_rows(spec, suite, evaluate_lib.evaluate(ctx.model, snap.params, spec, ctx.data),
-                       np.asarray(snap.diverged_at), K, ctx.common)
-    merged = merge_lib.average(ctx.backbone0, snap.params["backbone"], groups)
-    member = evaluate_lib.member_params(merged, snap.params["head"], groups)
-    mm = evaluate_lib.evaluate(ctx.model, member, spec.take(groups.reshape(-1)), ctx.data)
-    return rows + merged_rows(spec, suite, groups, group_cfg, group_id, mm, K, ctx.common)
+  def make_wave(config_ids):
+    spec = wave_experts(all_experts, config_ids, T)
+    groups, group_cfg, group_id = config_groups(len(config_ids), T, cfg.sweep.group_size,
+                                                cfg.sweep.num_groups)
 
-  ran = train_milestones(cfg, workdir, suite, spec, rows_at)
+    def rows_at(K, snap, ctx):
+      rows = expert_rows(spec, suite,
+                         evaluate_lib.evaluate(ctx.model, snap.params, spec, ctx.data),
+                         np.asarray(snap.diverged_at), K, ctx.common)
+      merged = merge_lib.average(ctx.backbone0, snap.params["backbone"], groups)
+      member = evaluate_lib.member_params(merged, snap.params["head"], groups)
+      mm = evaluate_lib.evaluate(ctx.model, member, spec.take(groups.reshape(-1)), ctx.data)
+      return rows + merged_rows(spec, suite, groups, group_cfg, group_id, mm, K, ctx.common)
+    return spec, rows_at
+
+  ran = sweep_waves(cfg, workdir, suite, len(configs), T, len(configs) * cfg.sweep.num_groups,
+                    make_wave)
   return summarize(cfg, workdir, **(ran or {}))
+
+
+def wave_experts(experts: experts_lib.Experts, config_ids: np.ndarray, T: int
+                 ) -> experts_lib.Experts:
+  """The expert rows (config-major, T tasks per config) of the given configs."""
+  return experts.take((np.asarray(config_ids)[:, None] * T + np.arange(T)).reshape(-1))
 
 
 def expert_rows(spec, suite, m, diverged_at, K, common) -> list[dict]:
@@ -303,42 +402,53 @@ def run_stability(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any
   """
   validate(cfg)
   suite = tasks_lib.get_suite(cfg.data.suite, cfg.seed)
-  originals, configs, task_ids = build_grid(cfg, suite)
-  validate_stability(cfg, len(task_ids))
+  all_originals, configs, task_ids = build_grid(cfg, suite)
+  T = len(task_ids)
+  validate_stability(cfg, T)
   st = cfg.stability
-  spec = twins_lib.make_twins(originals, suite.arrays(), m=st.num_twins, seed=st.seed,
-                              control=st.control)
-  group_sets = {M: config_groups(len(configs), len(task_ids), M, st.num_groups)
-                for M in st.group_sizes}
   merges = stability_merges(cfg)
-  role = twins_lib.roles(spec)
+  arrays = suite.arrays()
 
-  def rows_at(K, snap, ctx):
-    m = evaluate_lib.evaluate(ctx.model, snap.params, spec, ctx.data)
-    sq = twins_lib.sq_distances(snap.params, spec)
-    ls = twins_lib.loss_stability(
-        evaluate_lib.test_losses(ctx.model, snap.params, spec, ctx.data), spec,
-        ctx.arrays.n_test)
-    per_row = dict(m, sq_backbone=sq["backbone"], sq_full=sq["full"], loss_stab=ls["mean"],
-                   loss_stab_max=ls["max"])
-    rows = expert_rows(spec, suite, per_row, np.asarray(snap.diverged_at), K, ctx.common)
-    for e, row in enumerate(rows):
-      row.update(role=str(role[e]), origin=int(spec.origin[e]),
-                 perturbation=int(spec.replaced[e]))
-    if st.constants:
-      rows += constant_rows(ctx, spec, params_of(snap.params, originals.size), originals, K,
-                            st.constants_samples, st.seed)
-    merge_params = sharding_lib.on_one_device(snap.params) if group_sets else None
-    for M, (groups, group_cfg, group_id) in group_sets.items():
-      for name, fn in merges.items():
-        out = twins_lib.merged_sq_distances(fn, ctx.backbone0, merge_params["backbone"],
-                                            merge_params["head"], groups, spec)
-        rows += merged_twin_rows(spec, suite, groups, group_cfg, group_id, out, sq, role, name,
-                                 K, ctx.common)
-    return rows
+  def make_wave(config_ids):
+    originals = wave_experts(all_originals, config_ids, T)
+    spec = twins_lib.make_twins(originals, arrays, m=st.num_twins, seed=st.seed,
+                                control=st.control)
+    group_sets = {M: config_groups(len(config_ids), T, M, st.num_groups) for M in st.group_sizes}
+    return spec, functools.partial(_stability_rows, cfg, suite, originals, spec, group_sets,
+                                   merges)
 
-  ran = train_milestones(cfg, workdir, suite, spec, rows_at)
+  per_config = T * (1 + st.num_twins + int(st.control))
+  ran = sweep_waves(cfg, workdir, suite, len(configs), per_config,
+                    len(configs) * st.num_groups * len(st.group_sizes), make_wave)
   return summarize_stability(cfg, workdir, **(ran or {}))
+
+
+def _stability_rows(cfg, suite, originals, spec, group_sets, merges, K, snap, ctx):
+  """Rows of one wave of the stability study at milestone K."""
+  st = cfg.stability
+  role = twins_lib.roles(spec)
+  m = evaluate_lib.evaluate(ctx.model, snap.params, spec, ctx.data)
+  sq = twins_lib.sq_distances(snap.params, spec)
+  ls = twins_lib.loss_stability(
+      evaluate_lib.test_losses(ctx.model, snap.params, spec, ctx.data), spec,
+      ctx.arrays.n_test)
+  per_row = dict(m, sq_backbone=sq["backbone"], sq_full=sq["full"], loss_stab=ls["mean"],
+                 loss_stab_max=ls["max"])
+  rows = expert_rows(spec, suite, per_row, np.asarray(snap.diverged_at), K, ctx.common)
+  for e, row in enumerate(rows):
+    row.update(role=str(role[e]), origin=int(spec.origin[e]),
+               perturbation=int(spec.replaced[e]))
+  if st.constants:
+    rows += constant_rows(ctx, spec, params_of(snap.params, originals.size), originals, K,
+                          st.constants_samples, st.seed)
+  merge_params = sharding_lib.on_one_device(snap.params) if group_sets else None
+  for M, (groups, group_cfg, group_id) in group_sets.items():
+    for name, fn in merges.items():
+      out = twins_lib.merged_sq_distances(fn, ctx.backbone0, merge_params["backbone"],
+                                          merge_params["head"], groups, spec)
+      rows += merged_twin_rows(spec, suite, groups, group_cfg, group_id, out, sq, role, name,
+                               K, ctx.common)
+  return rows
 
 
 def params_of(params, E: int):
@@ -585,57 +695,66 @@ def run_compare(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     _fail("compare.merges", f"unknown merge {bad[0] if bad else None!r}; allowed: "
           f"{', '.join(COMPARE_MERGES)}")
   st = cfg.stability
-  spec = twins_lib.make_twins(originals, suite.arrays(), m=st.num_twins, seed=st.seed,
-                              control=st.control)
-  groups, group_cfg, group_id = config_groups(len(configs), len(task_ids), cfg.sweep.group_size,
-                                              cfg.sweep.num_groups)
-  md = MergeData.build(spec, suite.arrays(), cfg.compare.samples)
-  is_twin = twins_lib.roles(spec) == "twin"
+  T = len(task_ids)
+  arrays = suite.arrays()
 
-  def rows_at(K, snap, ctx):
-    # The per-row statistics and the merges read arbitrary rows: gather the stack once.
-    params = sharding_lib.on_one_device(snap.params)
-    member_sq = twins_lib.sq_distances(params, spec)
-    fns = compare_merge_fns(cfg, ctx.model, params, spec, md)
-    member_spec = spec.take(groups.reshape(-1))
-    G, M = groups.shape
-    rows = []
-    for name, fn in fns.items():
-      log.info("K=%d: merging with %s", K, name)
-      out = twins_lib.merged_sq_distances(fn, ctx.backbone0, params["backbone"],
-                                          params["head"], groups, spec)
-      member = evaluate_lib.member_params(out["merged"], params["head"], groups)
-      ev = {k: np.asarray(v).reshape(G, M).mean(1)
-            for k, v in evaluate_lib.evaluate(ctx.model, member, member_spec, ctx.data).items()}
-      tw = is_twin[out["row"]]
-      for g in range(G):
-        sel = tw & (out["base"] == g)
-        rows.append(_compare_row(ctx, spec, suite, groups, g, group_cfg, group_id, name, K,
-                                 {k: float(v[g]) for k, v in ev.items()},
-                                 merged_eps2=float(out["backbone"][sel].mean()),
-                                 merged_eps2_full=float(out["full"][sel].mean()),
-                                 member_eps2=float(member_sq["backbone"][out["row"][sel]].mean())))
-    if "ensemble" in cfg.compare.merges:
-      ens = ensemble_metrics(ctx.model, ctx.backbone0, params, groups, spec, md)
-      rows += [_compare_row(ctx, spec, suite, groups, g, group_cfg, group_id, "ensemble", K,
-                            {k: float(v[g]) for k, v in ens.items()}) for g in range(G)]
-    diag = merge_lib.diagnostics(ctx.backbone0, params["backbone"], groups,
-                                 key=jax.random.key(st.seed))
-    cos = np.asarray(diag["cosine"])
-    off = ~np.eye(M, dtype=bool)
-    for g in range(G):
-      rows.append(_compare_row(
-          ctx, spec, suite, groups, g, group_cfg, group_id, None, K, {}, kind="diagnostics",
-          tau_norm=float(np.mean(diag["tau_norm"][g])), cosine=float(cos[g][off].mean()),
-          sign_conflict=float(diag["sign_conflict"][g]),
-          ties_sign_conflict=float(diag["ties_sign_conflict"][g]),
-          ties_sparsity=float(np.mean(diag["ties_sparsity"][g])),
-          ties_merged_sparsity=float(diag["ties_merged_sparsity"][g]),
-          dare_sparsity=float(np.mean(diag["dare_sparsity"][g]))))
-    return rows
+  def make_wave(config_ids):
+    spec = twins_lib.make_twins(wave_experts(originals, config_ids, T), arrays, m=st.num_twins,
+                                seed=st.seed, control=st.control)
+    groups = config_groups(len(config_ids), T, cfg.sweep.group_size, cfg.sweep.num_groups)
+    md = MergeData.build(spec, arrays, cfg.compare.samples)
+    return spec, functools.partial(_compare_rows, cfg, suite, spec, groups, md)
 
-  ran = train_milestones(cfg, workdir, suite, spec, rows_at)
+  ran = sweep_waves(cfg, workdir, suite, len(configs), T * (1 + st.num_twins + int(st.control)),
+                    len(configs) * cfg.sweep.num_groups, make_wave)
   return summarize_compare(cfg, workdir, **(ran or {}))
+
+
+def _compare_rows(cfg, suite, spec, group_set, md, K, snap, ctx):
+  """Rows of one wave of the compare study at milestone K."""
+  st = cfg.stability
+  groups, group_cfg, group_id = group_set
+  is_twin = twins_lib.roles(spec) == "twin"
+  # The per-row statistics and the merges read arbitrary rows: gather the stack once.
+  params = sharding_lib.on_one_device(snap.params)
+  member_sq = twins_lib.sq_distances(params, spec)
+  fns = compare_merge_fns(cfg, ctx.model, params, spec, md)
+  member_spec = spec.take(groups.reshape(-1))
+  G, M = groups.shape
+  rows = []
+  for name, fn in fns.items():
+    log.info("K=%d: merging with %s", K, name)
+    out = twins_lib.merged_sq_distances(fn, ctx.backbone0, params["backbone"],
+                                        params["head"], groups, spec)
+    member = evaluate_lib.member_params(out["merged"], params["head"], groups)
+    ev = {k: np.asarray(v).reshape(G, M).mean(1)
+          for k, v in evaluate_lib.evaluate(ctx.model, member, member_spec, ctx.data).items()}
+    tw = is_twin[out["row"]]
+    for g in range(G):
+      sel = tw & (out["base"] == g)
+      rows.append(_compare_row(ctx, spec, suite, groups, g, group_cfg, group_id, name, K,
+                               {k: float(v[g]) for k, v in ev.items()},
+                               merged_eps2=float(out["backbone"][sel].mean()),
+                               merged_eps2_full=float(out["full"][sel].mean()),
+                               member_eps2=float(member_sq["backbone"][out["row"][sel]].mean())))
+  if "ensemble" in cfg.compare.merges:
+    ens = ensemble_metrics(ctx.model, ctx.backbone0, params, groups, spec, md)
+    rows += [_compare_row(ctx, spec, suite, groups, g, group_cfg, group_id, "ensemble", K,
+                          {k: float(v[g]) for k, v in ens.items()}) for g in range(G)]
+  diag = merge_lib.diagnostics(ctx.backbone0, params["backbone"], groups,
+                               key=jax.random.key(st.seed))
+  cos = np.asarray(diag["cosine"])
+  off = ~np.eye(M, dtype=bool)
+  for g in range(G):
+    rows.append(_compare_row(
+        ctx, spec, suite, groups, g, group_cfg, group_id, None, K, {}, kind="diagnostics",
+        tau_norm=float(np.mean(diag["tau_norm"][g])), cosine=float(cos[g][off].mean()),
+        sign_conflict=float(diag["sign_conflict"][g]),
+        ties_sign_conflict=float(diag["ties_sign_conflict"][g]),
+        ties_sparsity=float(np.mean(diag["ties_sparsity"][g])),
+        ties_merged_sparsity=float(diag["ties_merged_sparsity"][g]),
+        dare_sparsity=float(np.mean(diag["dare_sparsity"][g]))))
+  return rows
 
 
 def _compare_row(ctx, spec, suite, groups, g, group_cfg, group_id, algorithm, K, metrics,
@@ -680,7 +799,8 @@ STUDIES = {"main": run_main, "stability": run_stability, "compare": run_compare}
 
 
 def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-  """Dispatches config.study to its library function."""
+  """Dispatches config.study to its library function, after checking the workdir."""
   if cfg.study not in STUDIES:
     _fail("study", f"unknown study {cfg.study!r}; allowed: {', '.join(STUDIES)}")
+  results_lib.check_workdir(workdir, config_lib.to_dict(cfg))
   return STUDIES[cfg.study](cfg, workdir)

@@ -234,28 +234,45 @@ class Trainer:
       self._chunk_fns[C] = jax.jit(run, donate_argnums=(0,), out_shardings=out)
     return self._chunk_fns[C]
 
+  def chunk(self, milestones: Sequence[int]) -> int:
+    """Steps per scanned chunk for these milestones (chunk boundaries hit every milestone)."""
+    return plan_chunk(milestones, self.max_chunk)
+
   def run(self, state: TrainState, milestones: Sequence[int], *, start: int = 0,
-          progress: Callable[[int, np.ndarray], None] | None = None
+          progress: Callable[[int, np.ndarray], None] | None = None,
+          checkpoint: Callable[[int, TrainState], None] | None = None,
+          checkpoint_due: Callable[[int], bool] = lambda k: False,
           ) -> Iterator[tuple[int, TrainState]]:
-    """Advances `state` from step `start`, yielding (K, state) after each milestone's chunk.
+    """Advances `state` from step `start` (a chunk boundary), yielding (K, state) after each
+    milestone's chunk.
 
     Yielded states are copies, safe to keep while training continues. `progress(steps_done,
     loss_E)` is called once per chunk with the previous chunk's losses (fetched after the next
-    chunk is dispatched, so the host never stalls the device).
+    chunk is dispatched, so the host never stalls the device). `checkpoint(k, copy)` is called at
+    chunk boundaries k where `checkpoint_due(k)`, after the consumer has finished with a milestone
+    snapshot at k (so a checkpoint at k implies milestone k was handled).
     """
     check_milestones(milestones)
-    C = plan_chunk(milestones, self.max_chunk)
+    C = self.chunk(milestones)
+    if start % C or not 0 <= start <= int(milestones[-1]):
+      raise ValueError(f"start: must be a chunk boundary (multiple of {C}) in "
+                       f"[0, {milestones[-1]}]; got {start}")
     fn = self._fn(C)
     pending = None
     for k0 in range(start, int(milestones[-1]), C):
       state, loss = fn(state, self.experts, self.pools)
       if pending is not None and progress is not None:
-        progress(pending[0], np.asarray(pending[1])[:self.E])
+        progress(pending[0], sharding_lib.to_host(pending[1])[:self.E])
       pending = (k0 + C, loss)
+      snap = None
       if k0 + C in milestones:
-        yield k0 + C, jax.tree.map(lambda a: a.copy(), state)
+        snap = jax.tree.map(lambda a: a.copy(), state)
+        yield k0 + C, snap
+      if checkpoint is not None and checkpoint_due(k0 + C):
+        # The state is donated to the next chunk; the asynchronous save gets a copy.
+        checkpoint(k0 + C, snap if snap is not None else jax.tree.map(lambda a: a.copy(), state))
     if pending is not None and progress is not None:
-      progress(pending[0], np.asarray(pending[1])[:self.E])
+      progress(pending[0], sharding_lib.to_host(pending[1])[:self.E])
 
   def unpad(self, tree):
     """Drops padding experts from a stack returned by this trainer."""
