@@ -6,10 +6,12 @@ WORKDIR ?= runs/main
 
 .PHONY: setup demo test bench clean
 
+# ccexam ships a pretrained MNIST CNN (tests/importers_test.py); its torch deps are not needed.
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --upgrade pip
 	$(PY) -m pip install -e '.[dev]'
+	$(PY) -m pip install --no-deps ccexam
 	touch $@
 
 setup: $(VENV)/.installed

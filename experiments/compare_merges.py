@@ -16,7 +16,8 @@ ensemble (reference). Each merged backbone is evaluated with every member's own 
 stability merges the twin stack (only one member differs) with the same algorithm and RNG.
 
 Outputs: runs/compare_merges/merge_comparison.png, compare_table.csv (algorithm x K means),
-summary.json (table at K = 400, diagnostics). Results: README "Merging algorithms compared".
+algorithms_vs_bound_terms.png, summary.json (table at K = 400, diagnostics). Results: README
+"Merging algorithms compared". Notebook: notebooks/compare_merges.ipynb.
 """
 import os
 import sys

@@ -14,7 +14,8 @@ Runtime: 2 min 50 s on a 2-core CPU (measured; pretraining is cached after the f
 Measured (seed 0): experts reach 0.894 mean test accuracy at K = 400, none diverge; the merged
 model's generalization gap rises with K at every eta and with eta at every K (0.021 / 0.054 /
 0.066 at K = 400 for eta = 0.002 / 0.01 / 0.05); the merged test loss is flat-to-rising after
-K = 200 and is dominated by group-to-group spread. Figure: runs/main/merged_vs_K.png.
+K = 200 and is dominated by group-to-group spread. Figures: runs/main/merged_vs_K.png and
+gap_vs_hparams.png. Notebook: notebooks/main.ipynb.
 """
 import ml_collections
 
@@ -28,6 +29,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.data = ml_collections.ConfigDict()
   c.data.suite = "default"             # registered task suite (stability.tasks)
   c.data.tasks = ()                    # task names; () = every task of the suite
+  c.data.options = ml_collections.ConfigDict()  # suite options (paper20: data_root, image_size)
 
   # Model
   c.model = ml_collections.ConfigDict()
@@ -65,6 +67,12 @@ def get_config() -> ml_collections.ConfigDict:
   c.train.checkpoint_every = 100       # steps between orbax checkpoints of the stack (0 = none)
   c.train.memory_gb = 0.0              # per-device memory for the wave planner (0 = detect)
   c.train.max_wave = 0                 # cap on experts per wave (0 = as many as fit)
+
+  # Theory: merged-model gap against the non-convex bound (summary.json, theory_merged_gap.csv)
+  c.theory = ml_collections.ConfigDict()
+  c.theory.G = 26.2                    # per-sample gradient norm bound (median G_max that
+  c.theory.L = 10.8                    # experiments/theory_compare.py measured; L: Hessian)
+                                       # L = 0 skips the comparison
 
   # Output
   c.output = ml_collections.ConfigDict()

@@ -19,6 +19,7 @@ Runtime: 1 min 35 s on a 2-core CPU. Measured: merged / member eps^2 = 1/M^2 exa
 average (slope of merged eps^2 vs M -2.06, CI [-2.43, -1.69]); lam^2 = 0.09 for task arithmetic
 whatever M; 2/M^2 for DARE (the 1/(1-p) rescale); TIES 4.4-7.9 at every M: the TIES merge is
 less stable than one of its members and does not improve with M. Tables: README "Stability".
+Notebook: notebooks/stability_M.ipynb.
 """
 import os
 import sys

@@ -21,6 +21,7 @@ b^-1.33 n^-1.14 K^1.53 (95% CIs [2.46, 2.65], [-1.56, -1.11], [-1.33, -0.94], [1
 R^2 0.94): worse with eta and K, better with b and n, as the bound predicts. But the n direction
 reverses at eta = 0.05, K = 400 (geometric means 3.0 / 4.5 / 5.5 for ratio 0.25 / 0.5 / 1):
 small-n experts have fit their data and stopped moving. Tables: README "Stability".
+Notebook: notebooks/stability_hparams.ipynb.
 """
 import os
 import sys

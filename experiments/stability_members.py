@@ -16,7 +16,7 @@ summary.json (merged / member ratio by merge).
 Runtime: 1 min 07 s on a 2-core CPU. Measured: member eps^2 spans 1e-5 to 1e2; every group's
 merged / member ratio is 0.0625 (1/M^2) for the average, 0.09 (lam^2) for task arithmetic,
 ~0.125 for DARE, and 1.1 (pooled means) / 17 (mean per group, up to 88) for TIES.
-Tables: README "Stability".
+Tables: README "Stability". Notebook: notebooks/stability_members.ipynb.
 """
 import os
 import sys

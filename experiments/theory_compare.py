@@ -16,7 +16,8 @@ and L seen along the trajectory up to K.
 
 Outputs: runs/theory_compare/bound_vs_measured.png, theory_eps2.csv and theory_gap.csv (one row
 per expert x K: bound, measured, ratio, holds), summary.json["theory"] (holds, ratio quantiles,
-Spearman per axis, fitted vs predicted exponents). Results: README "Theory against measurement".
+Spearman per axis, fitted vs predicted exponents), exponents_vs_predicted.png. Results: README
+"Theory against measurement". Notebook: notebooks/theory_compare.ipynb.
 """
 import os
 import sys

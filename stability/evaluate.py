@@ -108,7 +108,8 @@ def _sharded_call(fn, model, params, experts, data, mesh, block):
   params = sharding_lib.shard(sharding_lib.pad_tree(params, mesh.size), mesh)
   experts = sharding_lib.shard(sharding_lib.pad_tree(experts, mesh.size), mesh)
   data = sharding_lib.replicate(data, mesh)
-  return jax.tree.map(lambda v: sharding_lib.to_host(v)[:E], fn(model, params, experts, data, block))
+  out = fn(model, params, experts, data, block)
+  return jax.tree.map(lambda v: sharding_lib.to_host(v)[:E], out)
 
 
 def test_losses(model: models_lib.Model, params, experts: experts_lib.Experts, data: EvalData, *,

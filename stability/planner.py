@@ -5,8 +5,9 @@ Memory per expert comes from `jax.eval_shape` (no compute, no allocation):
   copies     the live state, the chunk's donated output and a milestone snapshot / checkpoint
              copy: 3 x state;
   batch      forward activations of one minibatch of b_max samples (every module output of
-             the backbone and head, from `capture_intermediates`), x 3 for the backward pass;
-  eval       one evaluation block's activations.
+             the backbone and head, from `capture_intermediates`), x 2 for the backward pass;
+  eval       one evaluation block's activations (evaluation and training never overlap, so a
+             wave needs 3 x state + max(batch, eval) per expert).
 A wave holds whole configs (so every merge group lies inside one wave) and uses at most
 `fraction` of each device's memory. Device memory is `memory_stats()['bytes_limit']` on
 accelerators, the host's available memory split over its devices on CPU, or
@@ -48,14 +49,15 @@ def expert_bytes(model: models_lib.Model, optimizer: str, image_shape: Sequence[
     xs = jax.ShapeDtypeStruct((n,) + tuple(image_shape), jnp.float32)
 
     def fwd(p, xs):
-      _, inter = model.backbone.apply({"params": p["backbone"]}, xs, capture_intermediates=True,
+      variables = p["backbone"] if model.state else {"params": p["backbone"]}
+      _, inter = model.backbone.apply(variables, xs, capture_intermediates=True,
                                       mutable=["intermediates"])
       return inter, model.apply(p, xs)
     return _bytes(jax.eval_shape(fwd, params, xs)) + _bytes(xs)
 
   s = _bytes(state)
-  return dict(state=s, copies=3 * s, batch=3 * activations(b_max), eval=activations(eval_block),
-              total=3 * s + 3 * activations(b_max) + activations(eval_block))
+  batch, ev = 2 * activations(b_max), activations(eval_block)
+  return dict(state=s, copies=3 * s, batch=batch, eval=ev, total=3 * s + max(batch, ev))
 
 
 def train_flops(model: models_lib.Model, image_shape: Sequence[int], b: int) -> float:
@@ -134,11 +136,18 @@ class Plan:
         f"waves         {len(self.waves)} of {', '.join(map(str, wave_sizes))} experts "
         f"(~{per_dev * e['total'] / GB:.2f} GiB per device)",
         f"compute       {self.expert_steps:.3g} expert-steps x {self.flops_per_step:.3g} "
-        f"FLOP = {self.expert_steps * self.flops_per_step:.3g} FLOP "
-        f"(~{self.expert_steps * self.flops_per_step / 1e12 / 3600:.2f} h per sustained "
-        f"TFLOP/s)",
+        f"FLOP = {self.expert_steps * self.flops_per_step:.3g} FLOP (training only): "
+        + ", ".join(f"{_duration(self.expert_steps * self.flops_per_step / r)} at {r / 1e12:g} "
+                    f"TFLOP/s" for r in (1e11, 1e13, 1e14)) + " sustained",
     ]
     return "\n".join(lines)
+
+
+def _duration(seconds: float) -> str:
+  for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
+    if seconds >= size:
+      return f"{seconds / size:.1f} {unit}"
+  return f"{seconds:.0f} s"
 
 
 FRACTION = 0.6  # of device memory a wave may use (XLA workspace, data pools, fragmentation)
@@ -167,8 +176,8 @@ def plan(model: models_lib.Model, optimizer: str, image_shape: Sequence[int], *,
     raise ValueError(
         f"train.memory_gb: one config's {experts_per_config} experts need "
         f"{experts_per_config * per['total'] / devices / GB:.2f} GiB per device, more than "
-        f"{FRACTION:.0%} of {dev_bytes / GB:.2f} GiB ({source}); use more devices, fewer tasks "
-        f"or twins, or a larger train.max_wave")
+        f"{FRACTION:.0%} of {dev_bytes / GB:.2f} GiB ({source}); use more devices or memory, "
+        f"fewer tasks or twins, or smaller batches")
   waves = tuple(tuple(range(c, min(c + per_wave, configs))) for c in range(0, configs, per_wave))
   return Plan(experts=configs * experts_per_config, experts_per_config=experts_per_config,
               configs=configs, waves=waves, milestones=tuple(int(k) for k in milestones),

@@ -6,6 +6,7 @@ padded to a multiple of the mesh size first (padding rows copy row 0 and never t
 """
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import jax
@@ -14,6 +15,24 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 AXIS = "experts"
+
+
+def use_host_cores(single_threaded: bool = True) -> None:
+  """On CPU, one host device per core, so that the expert axis is sharded over every core.
+
+  Does nothing when XLA_FLAGS already sets a host device count or JAX_PLATFORMS is not CPU.
+  `single_threaded` also stops XLA from splitting each kernel over a thread pool: with one device
+  per core that only adds synchronisation (measured 1.3-2x faster expert training on 2 cores).
+  XLA reads XLA_FLAGS once, so call this before JAX first touches a device.
+  """
+  flags = os.environ.get("XLA_FLAGS", "")
+  if ("xla_force_host_platform_device_count" in flags
+      or os.environ.get("JAX_PLATFORMS", "cpu") not in ("", "cpu")):
+    return
+  flags += f" --xla_force_host_platform_device_count={os.cpu_count() or 1}"
+  if single_threaded:
+    flags += " --xla_cpu_multi_thread_eigen=false"
+  os.environ["XLA_FLAGS"] = flags.strip()
 
 
 def expert_mesh(devices=None) -> Mesh:

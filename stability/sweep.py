@@ -52,6 +52,11 @@ def _fail(field: str, allowed: str):
   raise ValueError(f"{field}: {allowed}")
 
 
+def get_suite(cfg: ml_collections.ConfigDict) -> tasks_lib.Suite:
+  """The configured task suite (`data.suite` built with `data.options`)."""
+  return tasks_lib.get_suite(cfg.data.suite, cfg.seed, **cfg.data.options.to_dict())
+
+
 def resolve_tasks(suite: tasks_lib.Suite, names) -> list[int]:
   """Task indices for config.data.tasks (empty: every task of the suite)."""
   return [suite.index(n) for n in names] if names else list(range(len(suite.tasks)))
@@ -100,8 +105,18 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     _fail("model.name", f"unknown model {cfg.model.name!r}; allowed: "
           f"{', '.join(models_lib.model_names())}")
   train_lib.get_optimizer(cfg.optim.name)
-  train_lib.get_optimizer(cfg.pretrain.optimizer)
+  if cfg.pretrain.optimizer not in train_lib.OPTIMIZERS:
+    _fail("pretrain.optimizer", f"unknown optimizer {cfg.pretrain.optimizer!r}; allowed: "
+          f"{', '.join(train_lib.OPTIMIZERS)}")
   train_lib.check_milestones(cfg.sweep.milestones)
+  tr = cfg.train
+  if tr.max_chunk < 1:
+    _fail("train.max_chunk", f"must be >= 1 step; got {tr.max_chunk}")
+  if tr.checkpoint_every < 0:
+    _fail("train.checkpoint_every", f"must be >= 0 steps (0 = no checkpoints); got "
+          f"{tr.checkpoint_every}")
+  if tr.memory_gb < 0:
+    _fail("train.memory_gb", f"must be >= 0 (0 = detect); got {tr.memory_gb}")
 
 
 def _model(cfg, suite):
@@ -111,7 +126,9 @@ def _model(cfg, suite):
 def base_backbone(cfg: ml_collections.ConfigDict, suite, model):
   p = cfg.pretrain
   return pretrain_lib.get_pretrained(
-      model, suite, {"name": cfg.model.name, **cfg.model.kwargs.to_dict()},
+      model, suite, {"name": cfg.model.name, **cfg.model.kwargs.to_dict(),
+                     **({"suite_options": cfg.data.options.to_dict()} if cfg.data.options
+                        else {})},
       os.path.expanduser(cfg.output.cache_dir) if cfg.output.cache_dir else None,
       steps=p.steps, batch_size=p.batch_size, eta=p.lr, momentum=p.momentum,
       weight_decay=p.weight_decay, optimizer=p.optimizer, seed=cfg.seed)
@@ -165,8 +182,77 @@ def _done(store: results_lib.Store | None, units: list[str]) -> np.ndarray:
   return done.astype(bool)
 
 
+def layout(cfg: ml_collections.ConfigDict, num_configs: int, T: int) -> tuple[int, int]:
+  """(expert rows per config, merge groups in all) of the configured study."""
+  st = cfg.get("stability")
+  twins = 1 + st.num_twins + int(st.control) if cfg.study in ("stability", "compare") else 1
+  if cfg.study == "stability":
+    groups = num_configs * st.num_groups * len(st.group_sizes)
+  else:
+    groups = num_configs * cfg.sweep.num_groups
+  return T * twins, groups
+
+
+def make_plan(cfg: ml_collections.ConfigDict, suite: tasks_lib.Suite, num_configs: int,
+              T: int) -> planner.Plan:
+  """The wave plan of the configured study on this machine's devices."""
+  per_config, groups = layout(cfg, num_configs, T)
+  return planner.plan(_model(cfg, suite), cfg.optim.name, suite.image_shape,
+                      configs=num_configs, experts_per_config=per_config,
+                      b_max=int(max(cfg.sweep.batch_size)),
+                      milestones=[int(k) for k in cfg.sweep.milestones], groups=groups,
+                      memory_gb=cfg.train.memory_gb, max_wave=cfg.train.max_wave)
+
+
+def dry_run(cfg: ml_collections.ConfigDict) -> str:
+  """The plan (experts, waves, snapshots, groups, memory, compute) without computing anything."""
+  if cfg.study not in STUDIES:
+    _fail("study", f"unknown study {cfg.study!r}; allowed: {', '.join(STUDIES)}")
+  validate(cfg)
+  try:
+    suite = get_suite(cfg)
+  except ValueError as e:
+    if not str(e).startswith("data_root:") or cfg.data.suite != "paper20":
+      raise
+    # Plan from the datasets' nominal shapes, and say what is missing and where we looked.
+    suite, missing = _nominal_paper20(cfg), str(e)[len("data_root: "):]
+    num_configs = int(np.prod([len(cfg.sweep[f]) for f in ("lr", "batch_size", "data_ratio",
+                                                            "seeds")]))
+    T = len(cfg.data.tasks) or len(suite.tasks)
+    return (f"study         {cfg.study}\n"
+            + make_plan(cfg, suite, num_configs, T).describe()
+            + f"\ndata          NOT READY (planned from nominal dataset shapes): {missing}")
+  _, configs, task_ids = build_grid(cfg, suite)
+  return f"study         {cfg.study}\n" + make_plan(cfg, suite, len(configs),
+                                                    len(task_ids)).describe()
+
+
+@dataclasses.dataclass(frozen=True)
+class _NominalTask:
+  name: str
+  num_classes: int
+
+
+@dataclasses.dataclass(frozen=True)
+class _NominalSuite:
+  """The shape facts the planner needs, from the paper-20 table instead of the data."""
+  tasks: tuple
+  image_shape: tuple
+  max_classes: int
+
+
+def _nominal_paper20(cfg) -> _NominalSuite:
+  from stability import loaders  # noqa: PLC0415 (only the paper suite needs it)
+  opts = cfg.data.options.to_dict()
+  specs = [sp for sp in loaders.PAPER20 if not cfg.data.tasks or sp.name in cfg.data.tasks]
+  size, channels = opts.get("image_size", 32), opts.get("channels", 3) or 3
+  return _NominalSuite(tasks=tuple(_NominalTask(sp.name, sp.classes) for sp in specs),
+                       image_shape=(size, size, channels),
+                       max_classes=max(sp.classes for sp in specs))
+
+
 def sweep_waves(cfg: ml_collections.ConfigDict, workdir: str, suite: tasks_lib.Suite,
-                num_configs: int, experts_per_config: int, num_groups: int,
+                num_configs: int, T: int,
                 make_wave: Callable[[np.ndarray], tuple[experts_lib.Experts, Callable]]
                 ) -> dict[str, Any] | None:
   """Trains the sweep wave by wave (`planner`), storing each wave's rows at every milestone.
@@ -178,12 +264,7 @@ def sweep_waves(cfg: ml_collections.ConfigDict, workdir: str, suite: tasks_lib.S
   t_start = time.time()
   milestones = [int(k) for k in cfg.sweep.milestones]
   is_writer = jax.process_index() == 0
-  model = _model(cfg, suite)
-  b_max = int(max(cfg.sweep.batch_size))
-  the_plan = planner.plan(model, cfg.optim.name, suite.image_shape, configs=num_configs,
-                          experts_per_config=experts_per_config, b_max=b_max,
-                          milestones=milestones, groups=num_groups,
-                          memory_gb=cfg.train.memory_gb, max_wave=cfg.train.max_wave)
+  the_plan = make_plan(cfg, suite, num_configs, T)
   waves = the_plan.waves
   first = make_wave(np.asarray(waves[0]))  # validates the study's settings before any output
   store = results_lib.Store(workdir) if is_writer else None
@@ -204,6 +285,7 @@ def sweep_waves(cfg: ml_collections.ConfigDict, workdir: str, suite: tasks_lib.S
     units = _units(milestones, w)
     if done[w].all():
       bar.update(spec.size * milestones[-1])
+      _drop_checkpoints(workdir, w)  # left behind when a kill followed the last unit's write
     else:
       _train_wave(cfg, workdir, ctx, spec, rows_at, w, units, done[w], store, bar, metrics_log,
                   offsets=(expert_offset, int(config_ids[0])))
@@ -211,6 +293,8 @@ def sweep_waves(cfg: ml_collections.ConfigDict, workdir: str, suite: tasks_lib.S
   bar.close()
   if metrics_log is not None:
     metrics_log.close()
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices("results stored")  # summaries read the store next
   return dict(wall_time=time.time() - t_start, expert_steps=the_plan.expert_steps,
               waves=len(waves))
 
@@ -224,7 +308,7 @@ def _train_wave(cfg, workdir, ctx, spec, rows_at, wave, units, done, store, bar,
                               max_chunk=cfg.train.max_chunk)
   state = trainer.init(experts_lib.init_stack(ctx.model, ctx.backbone0, spec,
                                               ctx.suite.image_shape))
-  ckpt = checkpoint_lib.StackCheckpoints(os.path.join(workdir, "checkpoints", f"wave={wave}"),
+  ckpt = checkpoint_lib.StackCheckpoints(_checkpoint_dir(workdir, wave),
                                          cfg.train.checkpoint_every)
   # A checkpoint at step s was saved after every milestone <= s was stored: resume from the
   # latest one that the store agrees with.
@@ -264,14 +348,23 @@ def _train_wave(cfg, workdir, ctx, spec, rows_at, wave, units, done, store, bar,
     if store is not None:
       store.write(unit, rows)
   ckpt.close()
-  if cfg.train.checkpoint_every and jax.process_index() == 0:
-    shutil.rmtree(ckpt.directory, ignore_errors=True)  # the wave's results are all stored
+  _drop_checkpoints(workdir, wave)
+
+
+def _checkpoint_dir(workdir: str, wave: int) -> str:
+  return os.path.join(workdir, "checkpoints", f"wave={wave}")
+
+
+def _drop_checkpoints(workdir: str, wave: int) -> None:
+  """A wave whose results are all stored needs no checkpoints."""
+  if jax.process_index() == 0:
+    shutil.rmtree(_checkpoint_dir(workdir, wave), ignore_errors=True)
 
 
 def run_main(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Runs the main job into `workdir`; returns a summary dict (also written as summary.json)."""
   validate(cfg)
-  suite = tasks_lib.get_suite(cfg.data.suite, cfg.seed)
+  suite = get_suite(cfg)
   all_experts, configs, task_ids = build_grid(cfg, suite)
   T = len(task_ids)
 
@@ -290,8 +383,7 @@ def run_main(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       return rows + merged_rows(spec, suite, groups, group_cfg, group_id, mm, K, ctx.common)
     return spec, rows_at
 
-  ran = sweep_waves(cfg, workdir, suite, len(configs), T, len(configs) * cfg.sweep.num_groups,
-                    make_wave)
+  ran = sweep_waves(cfg, workdir, suite, len(configs), T, make_wave)
   return summarize(cfg, workdir, **(ran or {}))
 
 
@@ -336,6 +428,7 @@ def summarize(cfg, workdir: str, **extra) -> dict[str, Any]:
   df = results_lib.load(workdir)
   if jax.process_index() == 0 and cfg.output.figures:
     plots.merged_vs_K(df, os.path.join(workdir, "merged_vs_K.png"))
+    plots.gap_vs_hparams(df, os.path.join(workdir, "gap_vs_hparams.png"))
   ex, mg = df[df.kind == "expert"], df[df.kind == "merged"]
   Kmax = int(df.K.max())
   summary = dict(
@@ -350,9 +443,35 @@ def summarize(cfg, workdir: str, **extra) -> dict[str, Any]:
       merged_gap_by_eta_K={f"{eta:g}": {int(k): round(float(v), 4) for k, v in s.items()}
                            for eta, s in mg.groupby(["eta", "K"]).gap.mean().unstack().iterrows()},
       **extra)
+  if cfg.theory.L > 0:
+    comp = merged_gap_comparison(df, cfg)
+    summary["theory_merged_gap"] = dict(
+        holds=comp.summary["holds"], rows=comp.summary["rows"],
+        spearman_bound_measured=round(float(comp.summary["spearman_bound_measured"]), 3),
+        axes={a: {k: round(float(v), 3) for k, v in ax.items()
+                  if k in ("spearman_within", "sign_agreement", "slices")}
+              for a, ax in comp.summary["axes"].items()})
+    if jax.process_index() == 0:
+      comp.table.to_csv(os.path.join(workdir, "theory_merged_gap.csv"), index=False)
   if jax.process_index() == 0:
     results_lib.write_json_atomic(os.path.join(workdir, "summary.json"), summary)
   return summary
+
+
+def merged_gap_comparison(df, cfg) -> compare_lib.Comparison:
+  """The merged model's measured gap against the non-convex gap bound of a simple average of M
+  experts (eps^2 / M^2), per config and K (means over groups), with the constants
+  config.theory.G and .L; eta enters as eta / (1 - momentum) (heuristic for heavy ball,
+  docs/theory.md 2.6)."""
+  mg = df[df.kind == "merged"]
+  ex = df[df.kind == "expert"]
+  keys = ["eta", "b", "data_ratio", "K", "M"]
+  table = mg.groupby(keys)[["gap", "train_loss"]].mean().reset_index()
+  n = ex.groupby(["eta", "b", "data_ratio", "K"]).n.mean().rename("n")
+  table = table.join(n, on=["eta", "b", "data_ratio", "K"])
+  table["eta"] = table["eta"] / (1.0 - cfg.optim.momentum)
+  return compare_lib.compare(table, L=float(cfg.theory.L), G=float(cfg.theory.G), target="gap",
+                             convex=False)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -383,6 +502,9 @@ def validate_stability(cfg: ml_collections.ConfigDict, num_tasks: int) -> None:
   needs_merges = [f for f in st.figures if f != "stability_vs_hparams"]
   if needs_merges and not st.group_sizes:
     _fail("stability.figures", f"{needs_merges[0]!r} needs stability.group_sizes and merges")
+  if "heterogeneous_vs_homogeneous" in st.figures and "average" not in st.merges:
+    _fail("stability.figures", "'heterogeneous_vs_homogeneous' needs 'average' in "
+          "stability.merges")
 
 
 def stability_merges(cfg) -> dict[str, twins_lib.MergeFn]:
@@ -401,7 +523,7 @@ def run_stability(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any
   loss_stab, loss_stab_max) and `merged_twin` (one per K x merge x M x group x member x twin).
   """
   validate(cfg)
-  suite = tasks_lib.get_suite(cfg.data.suite, cfg.seed)
+  suite = get_suite(cfg)
   all_originals, configs, task_ids = build_grid(cfg, suite)
   T = len(task_ids)
   validate_stability(cfg, T)
@@ -417,9 +539,7 @@ def run_stability(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any
     return spec, functools.partial(_stability_rows, cfg, suite, originals, spec, group_sets,
                                    merges)
 
-  per_config = T * (1 + st.num_twins + int(st.control))
-  ran = sweep_waves(cfg, workdir, suite, len(configs), per_config,
-                    len(configs) * st.num_groups * len(st.group_sizes), make_wave)
+  ran = sweep_waves(cfg, workdir, suite, len(configs), T, make_wave)
   return summarize_stability(cfg, workdir, **(ran or {}))
 
 
@@ -578,6 +698,9 @@ def summarize_stability(cfg, workdir: str, **extra) -> dict[str, Any]:
       if cfg.output.figures:
         plots.bound_vs_measured({t: c.table for t, c in comp.items()},
                                 os.path.join(workdir, "bound_vs_measured.png"))
+        if all(c.summary["axes"] for c in comp.values()):  # some hyperparameter varies
+          plots.exponents_vs_predicted({t: c.summary for t, c in comp.items()},
+                                       os.path.join(workdir, "exponents_vs_predicted.png"))
   if jax.process_index() == 0:
     est.to_csv(os.path.join(workdir, "stability_estimates.csv"), index=False)
     if cfg.output.figures:
@@ -591,6 +714,7 @@ FIGURES = {
     "stability_vs_hparams": plots.stability_vs_hparams,
     "merged_stability_vs_M": plots.merged_stability_vs_M,
     "merged_vs_members": plots.merged_vs_members,
+    "heterogeneous_vs_homogeneous": plots.heterogeneous_vs_homogeneous,
 }
 
 
@@ -688,7 +812,7 @@ def run_compare(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   the twins, and task-vector diagnostics per group. Row kinds: `merge_compare` (algorithm x
   config x group x K) and `diagnostics` (config x group x K)."""
   validate(cfg)
-  suite = tasks_lib.get_suite(cfg.data.suite, cfg.seed)
+  suite = get_suite(cfg)
   originals, configs, task_ids = build_grid(cfg, suite)
   bad = [m for m in cfg.compare.merges if m not in COMPARE_MERGES]
   if bad or not cfg.compare.merges:
@@ -705,8 +829,7 @@ def run_compare(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     md = MergeData.build(spec, arrays, cfg.compare.samples)
     return spec, functools.partial(_compare_rows, cfg, suite, spec, groups, md)
 
-  ran = sweep_waves(cfg, workdir, suite, len(configs), T * (1 + st.num_twins + int(st.control)),
-                    len(configs) * cfg.sweep.num_groups, make_wave)
+  ran = sweep_waves(cfg, workdir, suite, len(configs), T, make_wave)
   return summarize_compare(cfg, workdir, **(ran or {}))
 
 
@@ -791,6 +914,7 @@ def summarize_compare(cfg, workdir: str, **extra) -> dict[str, Any]:
     table.to_csv(os.path.join(workdir, "compare_table.csv"), index=False)
     if cfg.output.figures:
       plots.merge_comparison(df, os.path.join(workdir, "merge_comparison.png"))
+      plots.algorithms_vs_bound_terms(df, os.path.join(workdir, "algorithms_vs_bound_terms.png"))
     results_lib.write_json_atomic(os.path.join(workdir, "summary.json"), dict(summary, **extra))
   return dict(summary, **extra)
 

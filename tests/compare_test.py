@@ -79,3 +79,16 @@ def test_cli_prints_summary(tmp_path, capsys):
   out = capsys.readouterr().out
   assert "holds=1.000" in out and "median=" in out
   assert len(out.splitlines()) <= 10
+
+
+def test_axis_agreement_ranks_within_slices_with_the_other_axes_fixed():
+  from theory.compare import axis_agreement
+  rows = []
+  for b in (1, 2):
+    for eta in (0.1, 0.2, 0.4):
+      # bound rises with eta in both slices; measured rises for b=1 and falls for b=2
+      rows.append(dict(eta=eta, b=b, bound=eta, measured=eta if b == 1 else -eta))
+  out = axis_agreement(pd.DataFrame(rows), "eta", ["b"])
+  assert out == dict(spearman_within=0.0, sign_agreement=0.5, slices=2)
+  # fewer than 3 values along the axis: no slice counts
+  assert axis_agreement(pd.DataFrame(rows), "b", ["eta"])["slices"] == 0

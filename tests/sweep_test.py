@@ -46,7 +46,14 @@ def test_main_job_writes_tidy_tables_and_figure(workdir):
   members = mt[(mt.K == one.K) & (mt.config == one.config) & (mt.group == one.group)]
   assert one.test_loss == pytest.approx(members.test_loss.mean(), rel=1e-6)
   assert os.path.getsize(os.path.join(workdir, "merged_vs_K.png")) > 10_000
-  assert json.load(open(os.path.join(workdir, "summary.json")))["experts"] == E
+  summary = json.load(open(os.path.join(workdir, "summary.json")))
+  assert summary["experts"] == E
+  # the merged gap against the non-convex bound: one row per config x K, every axis compared
+  th = summary["theory_merged_gap"]
+  assert th["rows"] == 8 * 2 and set(th["axes"]) == {"eta", "b", "n", "K"}
+  table = pd.read_csv(os.path.join(workdir, "theory_merged_gap.csv"))
+  assert len(table) == 16 and (table.M == 2).all()
+  assert th["holds"] == pytest.approx((table.bound >= table.measured).mean())
 
 
 def test_groups_are_the_same_at_every_K_and_config(workdir):
@@ -191,3 +198,12 @@ def test_theory_comparison_study_estimates_constants_and_compares(tmp_path_facto
       assert sub.G.is_monotonic_increasing and sub.L.is_monotonic_increasing
     assert set(s[target]["axes"]) == {"eta", "b", "K"}
   assert os.path.getsize(os.path.join(wd, "bound_vs_measured.png")) > 10_000
+
+
+def test_heterogeneous_figure_needs_the_average_merge():
+  from stability import config as config_lib
+  cfg = config_lib.load("experiments/stability_tiny.py", [
+      "--config.stability.merges=ties",
+      "--config.stability.figures=heterogeneous_vs_homogeneous"])
+  with pytest.raises(ValueError, match="stability.figures: 'heterogeneous_vs_homogeneous' needs"):
+    sweep.validate_stability(cfg, 4)

@@ -11,9 +11,10 @@ divided by M^2), L and G (per-row constants, used when `L`/`G` name a column or 
 Per row: bound, measured, ratio = bound / measured, holds = bound >= measured, and assumption_ok
 (eta L <= 2 for the convex bounds; always True for the non-convex ones).
 Summary: fraction holding, ratio quantiles, Spearman(bound, measured), and per hyperparameter axis
-that varies: Spearman of the axis with measured and with bound, the exponent fitted jointly over
-the varying axes (log-log OLS, with CI) for measured and for bound, and the median local exponent
-predicted by `bounds.scaling_exponents`.
+that varies: Spearman of the axis with measured and with bound, the rank agreement of bound and
+measured along the axis with the other axes fixed (`axis_agreement`), the exponent fitted
+jointly over the varying axes (log-log OLS, with CI) for measured and for bound, and the median
+local exponent predicted by `bounds.scaling_exponents`.
 
 CLI:  python -m theory.compare RESULTS.csv|.parquet --L 0.25 --G 1 [--target gap] [--nonconvex]
       [--col eta=lr --col eps2=eps2_mean ...]
@@ -133,14 +134,39 @@ def compare(df: pd.DataFrame, *, L: float | str | None = None, G: float | str | 
       fits[name] = None
   for i, a in enumerate(varying):
     fm, fb = fits["measured"], fits["bound"]
+    others = [c[o] for o in varying if o != a]
     summary["axes"][a] = dict(
         spearman_measured=fit.spearman(g(a), table["measured"])[0],
         spearman_bound=fit.spearman(g(a), table["bound"])[0],
+        **axis_agreement(table, c[a], others),
         fit_measured=float(fm.slope[i]) if fm else math.nan,
         fit_measured_ci=tuple(map(float, fm.ci_slope[i])) if fm else (math.nan, math.nan),
         fit_bound=float(fb.slope[i]) if fb else math.nan,
         predicted_local=float(np.nanmedian(np.broadcast_to(expo[a], (len(df),)))))
   return Comparison(table, summary)
+
+
+def axis_agreement(table: pd.DataFrame, axis: str, others: Sequence[str]) -> dict[str, float]:
+  """Rank agreement of bound and measured along one axis with the other axes held fixed.
+
+  For every slice of rows that share the other axes' values and has >= 3 distinct values of
+  `axis`: Spearman(bound, measured) over the slice. Returns its mean over slices
+  (`spearman_within`) and the fraction of slices in which the bound's trend along the axis has
+  the measured trend's sign (`sign_agreement`; a tie counts as a disagreement).
+  """
+  rhos, signs = [], []
+  groups = table.groupby(list(others)) if others else [((), table)]
+  for _, sl in groups:
+    sl = sl.groupby(axis)[["bound", "measured"]].mean().reset_index()
+    if len(sl) < 3 or not np.isfinite(sl["bound"]).all():
+      continue
+    rhos.append(fit.spearman(sl["bound"], sl["measured"])[0])
+    trend = lambda v: np.sign(fit.spearman(sl[axis], sl[v])[0])
+    signs.append(trend("bound") == trend("measured") != 0)
+  rhos = [r for r in rhos if np.isfinite(r)]  # a slice with a constant column has no rank
+  return dict(spearman_within=float(np.mean(rhos)) if rhos else math.nan,
+              sign_agreement=float(np.mean(signs)) if signs else math.nan,
+              slices=len(rhos))
 
 
 def format_summary(summary: Mapping[str, Any]) -> str:
@@ -154,11 +180,12 @@ def format_summary(summary: Mapping[str, Any]) -> str:
       f"spearman(bound, measured)={summary['spearman_bound_measured']:.3f}",
   ]
   if summary["axes"]:
-    lines.append(f"{'axis':>5} {'rho_meas':>8} {'rho_bnd':>8} {'fit_meas':>8} "
-                 f"{'95% CI':>17} {'fit_bnd':>8} {'local':>8}")
+    lines.append(f"{'axis':>5} {'rho_meas':>8} {'rho_bnd':>8} {'within':>8} {'signs':>6} "
+                 f"{'fit_meas':>8} {'95% CI':>17} {'fit_bnd':>8} {'local':>8}")
     for a, s in summary["axes"].items():
       lo, hi = s["fit_measured_ci"]
       lines.append(f"{a:>5} {s['spearman_measured']:8.3f} {s['spearman_bound']:8.3f} "
+                   f"{s['spearman_within']:8.3f} {s['sign_agreement']:6.2f} "
                    f"{s['fit_measured']:8.3f} [{lo:7.3f},{hi:7.3f}] {s['fit_bound']:8.3f} "
                    f"{s['predicted_local']:8.3f}")
   return "\n".join(lines)
