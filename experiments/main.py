@@ -10,10 +10,10 @@ heads), SGD momentum 0.9, weight decay 1e-4, constant eta, snapshots at K = 100,
 10 random groups of 6 tasks (group seeds 0-9, the same at every K and config) merged by simple
 averaging of backbones, each task keeping its own head.
 
-Runtime: 2 min 50 s on a 2-core CPU (measured; pretraining is cached after the first run).
+Runtime: 3-4 min on a 2-core CPU (measured; pretraining is cached after the first run).
 Measured (seed 0): experts reach 0.894 mean test accuracy at K = 400, none diverge; the merged
 model's generalization gap rises with K at every eta and with eta at every K (0.021 / 0.054 /
-0.066 at K = 400 for eta = 0.002 / 0.01 / 0.05); the merged test loss is flat-to-rising after
+0.067 at K = 400 for eta = 0.002 / 0.01 / 0.05); the merged test loss is flat-to-rising after
 K = 200 and is dominated by group-to-group spread. Figures: runs/main/merged_vs_K.png and
 gap_vs_hparams.png. Notebook: notebooks/main.ipynb.
 """

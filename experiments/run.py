@@ -1,22 +1,14 @@
 """Thin runner: `python -m experiments.run experiments/<study>.py --workdir DIR [--config.a.b=v]`.
 
 Parses the config, logs the devices, and calls `stability.sweep.run`. On a CPU host with no
-XLA_FLAGS device count set, it exposes one host device per core so the expert axis is sharded
-over all cores (set XLA_FLAGS yourself to override).
+XLA_FLAGS device count set, it exposes one single-threaded host device per core so the expert
+axis is sharded over all cores (`stability.sharding.use_host_cores`; set XLA_FLAGS yourself to
+override).
 """
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-
-
-def _use_all_cores() -> None:
-  flags = os.environ.get("XLA_FLAGS", "")
-  if "xla_force_host_platform_device_count" not in flags and os.environ.get(
-      "JAX_PLATFORMS", "cpu") in ("", "cpu"):
-    os.environ["XLA_FLAGS"] = (flags + f" --xla_force_host_platform_device_count="
-                               f"{os.cpu_count() or 1}").strip()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -37,7 +29,8 @@ def main(argv: list[str] | None = None) -> int:
   explicit = (args.coordinator, args.num_processes, args.process_id)
   if any(v is not None for v in explicit) and any(v is None for v in explicit):
     p.error("--coordinator, --num-processes and --process-id go together")
-  _use_all_cores()
+  from stability import sharding  # before JAX touches a device: XLA reads XLA_FLAGS once
+  sharding.use_host_cores()
 
   import logging
   import json

@@ -271,6 +271,8 @@ def sweep_waves(cfg: ml_collections.ConfigDict, workdir: str, suite: tasks_lib.S
   done = [_done(store, _units(milestones, w)) for w in range(len(waves))]
   if all(d.all() for d in done):
     log.info("all %d units already in %s; nothing to do", sum(map(len, done)), workdir)
+    for w in range(len(waves)):
+      _drop_checkpoints(workdir, w)  # left behind when a kill followed the last unit's write
     return None
   log.info("plan:\n%s", the_plan.describe())
   results_lib.write_config(workdir, config_lib.to_dict(cfg)) if is_writer else None
@@ -359,6 +361,10 @@ def _drop_checkpoints(workdir: str, wave: int) -> None:
   """A wave whose results are all stored needs no checkpoints."""
   if jax.process_index() == 0:
     shutil.rmtree(_checkpoint_dir(workdir, wave), ignore_errors=True)
+    try:
+      os.rmdir(os.path.dirname(_checkpoint_dir(workdir, wave)))  # when no other wave has any
+    except OSError:
+      pass
 
 
 def run_main(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
