@@ -26,8 +26,9 @@ def make(task=(0, 1, 2, 3), eta=(0.1, 0.05, 0.2, 0.1), b=(4, 8, 5, 16), K=40, ra
                                   seed=seed, **kw)
 
 
-def run(spec, milestones=(20, 40), mesh=ONE_DEVICE, optimizer="sgd", max_chunk=10):
-  trainer = train.Trainer(MODEL, optimizer, spec, POOLS, mesh=mesh, max_chunk=max_chunk)
+def run(spec, milestones=(20, 40), mesh=ONE_DEVICE, optimizer="sgd", max_chunk=10, block=None):
+  trainer = train.Trainer(MODEL, optimizer, spec, POOLS, mesh=mesh, max_chunk=max_chunk,
+                          block=block)
   params = experts_lib.init_stack(MODEL, BACKBONE, spec, SUITE.image_shape)
   snaps = {K: trainer.unpad(s) for K, s in trainer.run(trainer.init(params), milestones)}
   return snaps, trainer
@@ -141,6 +142,29 @@ def test_chunk_positions_equal_per_step_positions_and_cover_each_epoch_once():
   pos, mask = train.chunk_positions(seed, 0, n, b, C=spe, B=B, N=N, n_epochs=2)
   drawn = np.asarray(pos)[np.asarray(mask)]
   assert len(set(drawn.tolist())) == spe * b and drawn.max() < n  # without replacement
+
+
+def test_epoch_permutation_equals_stable_argsort():
+  """One single-key sort + transposition passes == the stable argsort (ties and padding too)."""
+  keys = jax.vmap(lambda s: experts_lib.expert_keys(s)[1])(jnp.arange(64))
+  for N, n in ((1, 1), (2, 1), (7, 7), (30, 23), (257, 100), (1800, 1800)):  # ~12 rows tie at 1800
+    def ref(key, epoch):
+      u = jax.random.uniform(jax.random.fold_in(key, epoch), (N,))
+      return jnp.argsort(jnp.where(jnp.arange(N) < n, u, 2.0)).astype(jnp.int32)
+    for epoch in (0, 3):
+      got = jax.jit(jax.vmap(lambda k: train.epoch_permutation(k, epoch, n, N)))(keys)
+      np.testing.assert_array_equal(got, jax.vmap(ref, (0, None))(keys, epoch))
+
+
+def test_expert_blocks_and_devices_do_not_change_training():
+  spec = make(task=(0, 1, 2, 3) * 3, eta=0.05, b=(4, 8, 5, 16) * 3, ratio=1.0, seed=range(12))
+  one_block, trainer = run(spec, milestones=(40,), block=100)
+  assert trainer.blocks == 1
+  for mesh, block, blocks in ((ONE_DEVICE, 1, 12), (ONE_DEVICE, 5, 3),
+                              (sharding.expert_mesh(), 1, 2)):
+    got, trainer = run(spec, milestones=(40,), mesh=mesh, block=block)
+    assert trainer.blocks == blocks
+    assert max_diff(one_block[40].params, got[40].params) < 1e-6
 
 
 def test_golden_single_step():
