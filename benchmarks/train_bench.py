@@ -27,11 +27,10 @@ run (the best of 10 2048^2 matmuls in JAX or PyTorch; goal >= 50%). PyTorch runs
 one per core, whichever a short trial finds faster (under load, several threads stall). The
 start and end load averages are printed: above ~0.5 another process shared the cores, and the
 ratios against the single-threaded loop then favour the loop. FLOPs per expert-step are the
-matmuls of forward and backward:
-2b(64*128 + 128*10) forward, the same for the weight gradients, 2b*128*10 for the hidden
-gradient (1.29 MFLOP at b = 32). Sizes >= 4096 use `--big-repeats`. `--levers` also times the
-trainer at other block sizes and chunk lengths. Runtime: about 5 minutes on a 2-core CPU
-(PyTorch from the `bench` extra: `.venv/bin/pip install -e '.[bench]'`).
+matmuls of forward and backward: 2b(64*128 + 128*10) forward, the same for the weight
+gradients, 2b*128*10 for the hidden gradient (1.29 MFLOP at b = 32). Sizes >= 4096 use
+`--big-repeats`. `--levers` also times the trainer at other block sizes and chunk lengths. Runtime: about 5 minutes on an idle 2-core CPU,
+9 under load (PyTorch from the `bench` extra: `.venv/bin/pip install -e '.[bench]'`).
 """
 from __future__ import annotations
 
