@@ -21,6 +21,7 @@ batch variance where torch uses the unbiased one (a factor m/(m-1) on m = N*H*W 
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Sequence
 
@@ -51,6 +52,11 @@ def _norm(kind: str, momentum: float, name: str, x, train: bool, mask):
   return x
 
 
+def _conv(f: int, k: int, s: int, p: int, name: str, *, bias: bool) -> nn.Conv:
+  """A k x k conv with stride s and padding p, torchvision's layout and init."""
+  return nn.Conv(f, (k, k), (s, s), _pad(p), use_bias=bias, kernel_init=_conv_init, name=name)
+
+
 class BasicBlock(nn.Module):
   """torchvision BasicBlock: 3x3 (stride) -> 3x3, identity or 1x1 projection shortcut."""
   features: int
@@ -61,9 +67,7 @@ class BasicBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x, train: bool = False, mask=None):
-    bias = self.norm == "none"
-    conv = lambda f, k, s, p, name: nn.Conv(f, (k, k), (s, s), _pad(p), use_bias=bias,
-                                           kernel_init=_conv_init, name=name)
+    conv = functools.partial(_conv, bias=self.norm == "none")
     y = conv(self.features, 3, self.strides, 1, "conv1")(x)
     y = nn.relu(_norm(self.norm, self.bn_momentum, "bn1", y, train, mask))
     y = conv(self.features, 3, 1, 1, "conv2")(y)
@@ -84,9 +88,7 @@ class Bottleneck(nn.Module):
 
   @nn.compact
   def __call__(self, x, train: bool = False, mask=None):
-    bias = self.norm == "none"
-    conv = lambda f, k, s, p, name: nn.Conv(f, (k, k), (s, s), _pad(p), use_bias=bias,
-                                           kernel_init=_conv_init, name=name)
+    conv = functools.partial(_conv, bias=self.norm == "none")
     out = self.features * self.expansion
     y = conv(self.features, 1, 1, 0, "conv1")(x)
     y = nn.relu(_norm(self.norm, self.bn_momentum, "bn1", y, train, mask))
