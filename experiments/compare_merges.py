@@ -10,7 +10,8 @@ stability (from coupled twins), and what do the task-vector diagnostics look lik
 Setup: eta = 0.01, b = 32, full data, 20 tasks (as stability_M.py), seed 0: 20 experts, each with
 2 twins and a control (80 rows), K = 200 and 400. 10 groups of M = 6 tasks (seeds 0-9) merged by
 average, task arithmetic (lam 0.3), TIES (k 0.2, lam 1), DARE + average / task arithmetic /
-TIES (p 0.5), uniform soup, Model Stock, Fisher (128 training samples per expert), AdaMerging task-wise and layer-wise (test inputs unlabeled, `compare.
+TIES (p 0.5), uniform soup, Model Stock, Fisher and RegMean (128 training samples per expert),
+AdaMerging task-wise and layer-wise (test inputs unlabeled, `compare.
 adamerging_steps` Adam steps), greedy soup (held out: the task's ghost pool) and the logit
 ensemble (reference). Each merged backbone is evaluated with every member's own head; merged
 stability merges the twin stack (only one member differs) with the same algorithm and RNG.
@@ -39,11 +40,8 @@ def get_config():
   c.stability.figures = ()
   c.compare = ml_collections.ConfigDict(dict(
       merges=("average", "task_arithmetic", "ties", "dare_average", "dare_task_arithmetic",
-              "dare_ties", "uniform_soup", "model_stock", "fisher", "adamerging_task",
+              "dare_ties", "uniform_soup", "model_stock", "fisher", "regmean", "adamerging_task",
               "adamerging_layer", "greedy_soup", "ensemble"),
-      # regmean is left out: on this jaxlib (0.10.2, CPU) its batched solve on the default
-      # suite's 196x196 Gram matrices intermittently deadlocks inside XLA (all threads idle);
-      # add it with --config.compare.merges=... where it runs.
       samples=128,              # labelled samples per expert for Fisher / RegMean
       adamerging_steps=100,     # Adam steps per group (FusionBench default 500; 100 on CPU)
   ))

@@ -622,6 +622,33 @@ def _regmean_layout(x0: Params, grams: Params, E: int) -> dict[int, int]:
   return layout
 
 
+def solve(A: Array, B: Array) -> Array:
+  """A^{-1} B for A [d, d], B [d, k] (vmap it for batches): Gauss-Jordan elimination with
+  partial pivoting, written in jnp (a `fori_loop` over the d pivots).
+
+  Why not `jnp.linalg.solve`: on CPU, jaxlib 0.10's LAPACK kernels split a batched call over
+  XLA's intra-op thread pool and block that pool thread until the pieces finish; when as many
+  batched solves run at once as the pool has threads (RegMean solves one system per layer, and
+  XLA runs independent layers concurrently), every thread waits and the process deadlocks
+  (reproduced here: two vmapped 196x196 solves in one jit hang within a few dozen calls on 2
+  cores). This has no custom call, so it cannot. Same pivoting as LAPACK's getrf; d^2 (d + k)
+  multiply-adds, memory-bound, fine for the Dense layers RegMean solves (d <= a few thousand).
+  """
+  d = A.shape[0]
+  rows = jnp.arange(d)
+  M = jnp.concatenate([A, B], axis=1)
+
+  def pivot(j, M):
+    p = jnp.argmax(jnp.where(rows >= j, jnp.abs(M[:, j]), -1.0))
+    rj, rp = M[j], M[p]
+    M = M.at[p].set(rj).at[j].set(rp)                  # swap rows j and p
+    f = jnp.where(rows == j, 0.0, M[:, j] / rp[j])     # eliminate column j from every other row
+    return M - f[:, None] * rp[None, :]
+
+  M = jax.lax.fori_loop(0, d, pivot, M)
+  return M[:, d:] / jnp.diagonal(M[:, :d])[:, None]
+
+
 @functools.partial(jax.jit, static_argnames=("layout", "chunk_size"))
 def _regmean(x0, stack, grams, groups, w_GxM, alpha, ridge, layout, chunk_size):
   leaves0, leaves_s, treedef = _flat(x0, stack)
@@ -645,7 +672,7 @@ def _regmean(x0, stack, grams, groups, w_GxM, alpha, ridge, layout, chunk_size):
       # Ridge toward the average: rows of A that are all zero (inputs dead for every member)
       # would make A singular; there W* falls back to the average. ridge = 0 is RegMean.
       r = ridge * jnp.trace(A) / d + jnp.finfo(jnp.float32).tiny
-      W = jnp.linalg.solve(A + r * eye, B + r * avg)
+      W = solve(A + r * eye, B + r * avg)
       out.append(W.astype(s.dtype))
     return treedef.unflatten(out)
 

@@ -285,6 +285,29 @@ def test_regmean_dead_inputs_fall_back_to_the_average():
                              rtol=1e-4, atol=1e-5)
 
 
+def test_solve_matches_numpy_and_pivots():
+  rng = np.random.default_rng(12)
+  A, B = rng.normal(size=(9, 9)), rng.normal(size=(9, 4))
+  A[0, 0] = 0.0                                     # the first pivot must come from another row
+  np.testing.assert_allclose(merge.solve(jnp.asarray(A, jnp.float32), jnp.asarray(B, jnp.float32)),
+                             np.linalg.solve(A, B), rtol=1e-4, atol=1e-4)
+  P = np.eye(6)[[3, 0, 5, 1, 2, 4]]                 # zero diagonal: fails without pivoting
+  np.testing.assert_allclose(merge.solve(jnp.asarray(P, jnp.float32), jnp.eye(6)), P.T, atol=1e-6)
+
+
+def test_regmean_lowers_without_lapack_calls():
+  # jaxlib 0.10's batched LAPACK kernels deadlock XLA:CPU's thread pool when as many run at
+  # once as it has threads (two layers' solves on 2 cores hung within a few calls); RegMean's
+  # solve is plain jnp, so its program has no custom calls at all.
+  x0, stack = _trees()
+  g = jnp.asarray(GROUPS)
+  grams = _grams(7, 8)
+  layout = tuple(sorted(merge._regmean_layout(x0, grams, 7).items()))
+  text = merge._regmean.lower(x0, stack, grams, g, jnp.full(GROUPS.shape, 1 / 3),
+                              jnp.float32(0.6), jnp.float32(1e-6), layout, None).as_text()
+  assert "custom_call" not in text
+
+
 # ---------------------------------------------------------------------------------------------
 # SLERP, Model Stock
 

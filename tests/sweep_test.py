@@ -157,7 +157,7 @@ def test_compare_study_runs_every_algorithm_on_the_same_groups(compare_dir):
   mc, dg = df[df.kind == "merge_compare"], df[df.kind == "diagnostics"]
   from experiments import compare_merges_tiny
   algos = set(compare_merges_tiny.get_config().compare.merges)
-  assert set(mc.algorithm) == algos and len(algos) == 13
+  assert set(mc.algorithm) == algos and len(algos) == 14 and "regmean" in algos
   G = 2 * 3  # configs x groups
   assert (mc.groupby(["K", "algorithm"]).size() == G).all() and len(dg) == G * 2
   sig = mc.groupby(["K", "algorithm"]).apply(lambda d: tuple(map(tuple, d.tasks)),
