@@ -1,4 +1,5 @@
-"""Merge throughput: jitted `stability.merge` vs a per-state_dict numpy loop and vs copy bandwidth.
+"""Merge throughput: jitted `stability.merge` vs per-state_dict loops (numpy; torch as FusionBench
+writes them) and vs copy bandwidth.
 
 The question: how fast are our merges on the shape of the paper's protocol (1,000 expert
 backbones merged into 1,000 groups of 6)? Backbone: `get_model('mlp', 10)` on 14x14x1 inputs
@@ -11,19 +12,24 @@ Everything is measured in this one process; times are medians over repeats after
   ours / loop   median ms of our jitted merge / of a Python loop over groups and state_dict
                 keys with numpy (in-place adds; the way PyTorch toolkits such as FusionBench
                 loop over models and parameter names)
-  speedup       loop / ours
+  speedup       loop / ours (also against "torch": the same merges written as FusionBench
+                writes them, out-of-place state_dict arithmetic on torch tensors; needs the
+                `bench` extra)
   GB/s          bytes the merge must move / time: reads G*M + writes G backbones (TIES and
                 DARE read and write more; their GB/s uses the same bytes, for scale only)
   % copy        GB/s over the bandwidth of a plain copy of an array the size of the output,
                 bytes read + written per second: np.copyto into a preallocated array
                 ("copy, no alloc") and a jitted jnp copy that allocates its output like our
                 merges do ("copy, alloc")
+  loop % copy   the numpy loop's rate over the same bytes, as a % of copy bandwidth: for a
+                merge that must move those bytes, ~100 / (loop % copy) bounds the speedup
 On a shared 2-core machine the numbers move with the load; rerun when the machine is idle.
 Runtime: about 1-2 minutes.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import time
 
 import jax
@@ -127,6 +133,99 @@ def loop_dare(sd0, sds, groups, p, lam, rng):
 
 
 # ---------------------------------------------------------------------------------------------
+# The same merges the way PyTorch toolkits write them: out-of-place state_dict arithmetic on
+# torch tensors (FusionBench's `state_dict_sub/add/mul/avg`: every operation builds a new dict
+# of new tensors), TIES on the flattened task vectors (kthvalue, sign election, disjoint mean),
+# DARE with torch.bernoulli masks per key. Run only when torch (the `bench` extra) is installed.
+
+def _sd_sub(a, b):
+  return {k: a[k] - b[k] for k in a}
+
+
+def _sd_add(a, b):
+  return {k: a[k] + b[k] for k in a}
+
+
+def _sd_mul(a, c):
+  return {k: a[k] * c for k in a}
+
+
+def torch_average(tsds, groups):
+  return [{k: sum(tsds[i][k] for i in row) / len(row) for k in tsds[row[0]]} for row in groups]
+
+
+def torch_task_arithmetic(tsd0, tsds, groups, lam):
+  out = []
+  for row in groups:
+    tv = None
+    for i in row:
+      t = _sd_sub(tsds[i], tsd0)
+      tv = t if tv is None else _sd_add(tv, t)
+    out.append(_sd_add(tsd0, _sd_mul(tv, lam)))
+  return out
+
+
+def torch_ties(torch, tsd0, tsds, groups, k, lam):
+  keys = list(tsd0)
+  flat0 = torch.cat([tsd0[q].reshape(-1) for q in keys])
+  n_drop = flat0.numel() - int(np.ceil(round(k * flat0.numel(), 6)))
+  out = []
+  for row in groups:
+    tvs = torch.stack([torch.cat([tsds[i][q].reshape(-1) for q in keys]) for i in row]) - flat0
+    thr = tvs.abs().kthvalue(n_drop, dim=1, keepdim=True).values if n_drop else None
+    trimmed = tvs if thr is None else tvs * (tvs.abs() > thr)
+    sign = torch.sign(trimmed.sum(0))
+    sign[sign == 0] = torch.sign(sign.sum())
+    agree = torch.where(sign > 0, trimmed > 0, trimmed < 0)
+    merged = (trimmed * agree).sum(0) / agree.sum(0).clamp(min=1)
+    vec, i0, sd = flat0 + lam * merged, 0, {}
+    for q in keys:
+      sd[q] = vec[i0:i0 + tsd0[q].numel()].reshape(tsd0[q].shape)
+      i0 += tsd0[q].numel()
+    out.append(sd)
+  return out
+
+
+def torch_dare(torch, tsd0, tsds, groups, p, lam):
+  out = []
+  for row in groups:
+    tv = None
+    for i in row:
+      t = _sd_sub(tsds[i], tsd0)
+      t = {q: v * torch.bernoulli(torch.full_like(v, 1.0 - p)) / (1.0 - p) for q, v in t.items()}
+      tv = t if tv is None else _sd_add(tv, t)
+    out.append(_sd_add(tsd0, _sd_mul(tv, lam)))
+  return out
+
+
+# ---------------------------------------------------------------------------------------------
+
+def _torch_cases(sd0, sds, groups) -> dict:
+  """The torch loops as name -> thunk (same names as `cases`), checked against the numpy loops
+  on a few groups first; {} without torch."""
+  try:
+    import torch
+  except ImportError:
+    return {}
+  torch.set_num_threads(os.cpu_count() or 1)
+  tsd0 = {k: torch.from_numpy(v.copy()) for k, v in sd0.items()}
+  tsds = [{k: torch.from_numpy(v.copy()) for k, v in sd.items()} for sd in sds]
+  few = groups[:3]
+  for got, ref in ((torch_average(tsds, few), loop_average(sds, few)),
+                   (torch_task_arithmetic(tsd0, tsds, few, LAM_TA),
+                    loop_task_arithmetic(sd0, sds, few, LAM_TA)),
+                   (torch_ties(torch, tsd0, tsds, few, K_TIES, 1.0),
+                    loop_ties(sd0, sds, few, K_TIES, 1.0))):
+    for g, r in zip(got, ref):
+      for k in r:
+        np.testing.assert_allclose(g[k].numpy(), r[k], rtol=1e-4, atol=1e-5)
+  torch.manual_seed(0)
+  return {"average": lambda: torch_average(tsds, groups),
+          "task_arithmetic": lambda: torch_task_arithmetic(tsd0, tsds, groups, LAM_TA),
+          "ties (k=0.2)": lambda: torch_ties(torch, tsd0, tsds, groups, K_TIES, 1.0),
+          "dare+TA (p=0.5)": lambda: torch_dare(torch, tsd0, tsds, groups, P_DARE, LAM_TA),
+          "version": torch.__version__, "threads": torch.get_num_threads()}
+
 
 def main() -> None:
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -183,13 +282,25 @@ def main() -> None:
         f"{jax.device_count()}")
   print(f"copy bandwidth (read+write): no alloc {copy_noalloc / 1e9:.1f} GB/s, "
         f"alloc {copy_alloc / 1e9:.1f} GB/s; '% copy' uses the larger")
-  print(f"{'merge':<18}{'ours ms':>9}{'loop ms':>10}{'speedup':>9}{'GB/s':>8}{'% copy':>8}")
+  torch_cases = _torch_cases(sd0, sds, groups)
+  print(f"{'merge':<18}{'ours ms':>9}{'loop ms':>10}{'speedup':>9}{'torch ms':>10}{'speedup':>9}"
+        f"{'GB/s':>8}{'% copy':>8}{'loop % copy':>13}")
   for name, ours, loop in cases:
     t_ours = _median_time(ours, args.repeats)
     t_loop = _loop_time(loop, args.loop_repeats)
+    if torch_cases:
+      t_torch = _loop_time(torch_cases[name], args.loop_repeats)
+      torch_cols = f"{t_torch * 1e3:10.1f}{t_torch / t_ours:8.1f}x"
+    else:
+      torch_cols = f"{'-':>10}{'-':>9}"
     bw = bytes_moved / t_ours
-    print(f"{name:<18}{t_ours * 1e3:9.1f}{t_loop * 1e3:10.1f}{t_loop / t_ours:8.1f}x"
-          f"{bw / 1e9:8.1f}{100 * bw / copy_bw:7.0f}%")
+    print(f"{name:<18}{t_ours * 1e3:9.1f}{t_loop * 1e3:10.1f}{t_loop / t_ours:8.1f}x{torch_cols}"
+          f"{bw / 1e9:8.1f}{100 * bw / copy_bw:7.0f}%{100 * bytes_moved / t_loop / copy_bw:12.0f}%")
+  print("loop % copy: the numpy loop's own rate over the same bytes; a merge that must move "
+        "those bytes is at most 100 / (loop % copy) times faster than the loop")
+  print("loop: numpy, in place; torch: FusionBench-style out-of-place state_dict arithmetic "
+        + ("(torch %s, %d threads)" % (torch_cases["version"], torch_cases["threads"])
+           if torch_cases else "(not run: install the bench extra)"))
 
   if args.levers:
     print("\nlevers (average):")

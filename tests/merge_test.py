@@ -150,11 +150,40 @@ def test_ties_full_keep_without_sign_conflicts_is_the_average():
                      merge.average(x0, stack, GROUPS), rtol=1e-5, atol=1e-6)
 
 
+def _ref_lowbias32(x):
+  x = x.astype(np.uint64)
+  x = ((x ^ (x >> 16)) * 0x7FEB352D) & 0xFFFFFFFF
+  x = ((x ^ (x >> 15)) * 0x846CA68B) & 0xFFFFFFFF
+  return x ^ (x >> 16)
+
+
 def _ref_dare_taus(x0, stack, row, g, key, p, rescale):
-  """Documented contract: group g's masks are bernoulli(fold_in(key, g), 1 - p, [M, D])."""
+  """Documented contract: member m of group g keeps entry j iff u >= p, u = (h >> 8) / 2^24,
+  h = mix(mix(j ^ s0) + s1), (s0, s1) = bits(fold_in(fold_in(key, g), m)) (64-bit numpy here)."""
   taus = _flat_taus(x0, stack, row)
-  keep = np.asarray(jax.random.bernoulli(jax.random.fold_in(key, g), 1 - p, taus.shape))
-  return np.where(keep, taus / (1 - p) if rescale else taus, 0.0)
+  j = np.arange(taus.shape[1], dtype=np.uint64)
+  keep = []
+  for m in range(len(row)):
+    s0, s1 = np.asarray(jax.random.bits(jax.random.fold_in(jax.random.fold_in(key, g), m), (2,),
+                                        jnp.uint32)).astype(np.uint64)
+    h = _ref_lowbias32((_ref_lowbias32(j ^ s0) + s1) & 0xFFFFFFFF)
+    keep.append((h >> 8).astype(np.float64) / 2 ** 24 >= p)
+  return np.where(np.stack(keep), taus / (1 - p) if rescale else taus, 0.0)
+
+
+def test_dare_masks_are_independent_bernoulli():
+  # Large D: realised keep rate per member within 4 sigma of 1 - p, members and groups
+  # uncorrelated, and neighbouring coordinates uncorrelated (the hash has no visible stride).
+  shapes, p, M = [(300, 200), (1000,)], 0.3, 4
+  D = 61_000
+  masks = [np.concatenate([np.asarray(a).reshape(M, -1) for a in merge._dare_masks(
+      jax.random.key(3), jnp.int32(g), M, shapes, jnp.float32(p))], axis=1) for g in (0, 1)]
+  X = np.concatenate(masks).astype(np.float64)                  # [2M, D]
+  assert np.all(np.abs(X.mean(1) - (1 - p)) < 4 * np.sqrt(p * (1 - p) / D))
+  C = np.corrcoef(X)
+  assert np.max(np.abs(C[~np.eye(2 * M, dtype=bool)])) < 4 / np.sqrt(D)
+  lag = [np.corrcoef(x[:-s], x[s:])[0, 1] for x in X for s in (1, 2, 200)]
+  assert np.max(np.abs(lag)) < 4 / np.sqrt(D)
 
 
 @pytest.mark.parametrize("base,rescale", [("average", True), ("task_arithmetic", False),
