@@ -16,8 +16,9 @@ never merged (the caller pairs merged backbone g with each member's own head).
 Every merge is pure, jitted, `jax.vmap`-ed over groups and mapped over chunks of `chunk_size`
 groups (`jax.lax.map(..., batch_size=chunk_size)`; None = all groups in one vmap), so memory is
 O(chunk_size * M * |backbone|) however many groups there are (default `CHUNK` = 64, or None for
-the linear merges and DARE on a linear base, which materialise nothing beyond their output). Inputs are validated on the host
-before any compute; a bad input raises a one-line ValueError naming the field.
+the linear merges and DARE on a linear base, which materialise nothing beyond their output).
+Inputs are validated on the host before any compute; a bad input raises a one-line ValueError
+naming the field.
 
 API (every merge: `f(x0, stack, groups, ..., chunk_size=, tasks=)` -> backbone stack [G, ...]):
   average, weighted_average, uniform_soup, task_arithmetic       linear

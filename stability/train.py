@@ -14,7 +14,10 @@ s = k % (n//b) and perm_e keyed by fold_in(data_key, e). The batch sequence is a
 
 Masking. Batches are padded to b_max = max b and masked; the loss is normalised by the true b.
 Updates after step K_i are masked, and an expert whose loss or new parameters are non-finite
-records `diverged_at` and is frozen, leaving every other expert bit-for-bit unchanged.
+records `diverged_at` and is frozen, leaving every other expert bit-for-bit unchanged. A chunk
+in which no expert's K falls and no expert diverges skips the per-step masks and checks
+(`train_chunk`'s fast path, checked once at the chunk's end; otherwise the chunk is rerun with
+them), with the same bits either way.
 
 Legend: E experts, C steps per chunk, B = b_max, N subset capacity.
 """
@@ -177,8 +180,14 @@ def chunk_epochs(experts: experts_lib.Experts, C: int) -> int:
 # The step.
 
 def train_step(model: models_lib.Model, optimizer: str, state: TrainState,
-               expert: experts_lib.Experts, pools: Pools, pos: jax.Array, mask: jax.Array):
-  """One SGD step of ONE expert: (state, batch) -> (state, loss). Pure; vmap it over experts."""
+               expert: experts_lib.Experts, pools: Pools, pos: jax.Array, mask: jax.Array,
+               checked: bool = True):
+  """One SGD step of ONE expert: (state, batch) -> (state, loss). Pure; vmap it over experts.
+
+  checked=False commits the update unconditionally (no K mask, no finiteness check): for an
+  expert known to be active, whose finiteness the caller checks afterwards (`train_chunk`).
+  Where the checked step commits, both give the same bits.
+  """
   rows = expert.subset[pos]
   x, y = pools.x[expert.task, rows], pools.y[expert.task, rows]
 
@@ -193,6 +202,8 @@ def train_step(model: models_lib.Model, optimizer: str, state: TrainState,
   # Backbone state (BatchNorm statistics) comes from the forward pass; whatever the optimizer
   # did to it (weight decay) is discarded.
   params = model.carry_state(optax.apply_updates(state.params, updates), forward)
+  if not checked:
+    return state.replace(params=params, opt_state=opt_state, step=state.step + 1), loss
   # p * 0 is 0 where p is finite and NaN elsewhere: one float reduction per leaf (XLA's boolean
   # all() is several kernels per leaf on CPU).
   finite = jnp.isfinite(loss + sum(jnp.sum(p * 0.0) for p in jax.tree.leaves(params)))
@@ -205,21 +216,61 @@ def train_step(model: models_lib.Model, optimizer: str, state: TrainState,
   return new, jnp.where(active, loss, jnp.nan)
 
 
+def _finite(tree) -> jax.Array:
+  """[E] whether every entry of each expert's leaves is finite (one float reduction per leaf)."""
+  return jnp.isfinite(sum(jnp.sum((a * 0.0).reshape(a.shape[0], -1), axis=1)
+                          for a in jax.tree.leaves(tree)))
+
+
 def train_chunk(model: models_lib.Model, optimizer: str, state: TrainState,
-                experts: experts_lib.Experts, pools: Pools, pos_ExCxB, mask_ExCxB):
+                experts: experts_lib.Experts, pools: Pools, pos_ExCxB, mask_ExCxB,
+                fast: bool = True):
   """Scans `train_step`, vmapped over experts, over the C steps of a chunk.
 
   Returns the new state and the per-expert mean loss over the chunk's active steps [E].
+
+  Fast path (fast=True): when every expert is either active for the whole chunk or idle for
+  all of it (its K reached, or diverged), the chunk runs the unchecked step (no per-step K
+  masks, commit selects or finiteness reductions: ~18% of a step on CPU), then restores the
+  idle experts' state. If any active expert's loss or final state is non-finite, or some
+  expert's K falls inside the chunk, the chunk is rerun from its start with the checked step,
+  so `diverged_at` and the frozen state are exactly the checked step's. Both paths give the
+  same bits (tested); fast=False always runs the checked step.
   """
-  step = jax.vmap(functools.partial(train_step, model, optimizer), in_axes=(0, 0, None, 0, 0))
+  C = pos_ExCxB.shape[1]
 
-  def body(state, inputs):
-    pos, mask = inputs
-    return step(state, experts, pools, pos, mask)
+  def scan(checked):
+    step = jax.vmap(functools.partial(train_step, model, optimizer, checked=checked),
+                    in_axes=(0, 0, None, 0, 0))
 
-  xs = (jnp.swapaxes(pos_ExCxB, 0, 1), jnp.swapaxes(mask_ExCxB, 0, 1))
-  state, loss_CxE = jax.lax.scan(body, state, xs)
-  return state, jnp.nanmean(loss_CxE, axis=0)
+    def body(state, inputs):
+      pos, mask = inputs
+      return step(state, experts, pools, pos, mask)
+
+    xs = (jnp.swapaxes(pos_ExCxB, 0, 1), jnp.swapaxes(mask_ExCxB, 0, 1))
+    return jax.lax.scan(body, state, xs)
+
+  def checked_chunk():
+    new, loss_CxE = scan(True)
+    return new, jnp.nanmean(loss_CxE, axis=0)
+
+  if not fast:
+    return checked_chunk()
+  active = (state.step + C <= experts.K) & (state.diverged_at < 0)
+  idle = (state.step >= experts.K) | (state.diverged_at >= 0)
+
+  def fast_chunk():
+    new, loss_CxE = scan(False)
+    ok = jnp.all(~active | (jnp.all(jnp.isfinite(loss_CxE), axis=0)
+                            & _finite((new.params, new.opt_state))))
+    keep = lambda a, b: jnp.where(active.reshape((-1,) + (1,) * (a.ndim - 1)), a, b)
+    new = TrainState(params=jax.tree.map(keep, new.params, state.params),
+                     opt_state=jax.tree.map(keep, new.opt_state, state.opt_state),
+                     step=new.step, diverged_at=state.diverged_at)
+    loss = jnp.nanmean(jnp.where(active[None], loss_CxE, jnp.nan), axis=0)
+    return jax.lax.cond(ok, lambda: (new, loss), checked_chunk)
+
+  return jax.lax.cond(jnp.all(active | idle), fast_chunk, checked_chunk)
 
 
 def blockwise(f: Callable, args: Any, blocks: int) -> Any:

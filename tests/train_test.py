@@ -124,6 +124,42 @@ def test_nan_in_one_expert_is_isolated():
   assert max_diff(frozen, jax.tree.map(lambda x: x[1], bad[20].params)) == 0.0
 
 
+def _chunk_both_ways(spec, steps_before=0, C=10):
+  """train_chunk's fast path and its checked path on the same chunk (after `steps_before`
+  checked steps): (state, loss) of each."""
+  B, N = int(spec.b.max()), spec.subset.shape[1]
+  params = experts_lib.init_stack(MODEL, BACKBONE, spec, SUITE.image_shape)
+  state = train.init_state("sgd", params, spec)
+  ex = jax.tree.map(jnp.asarray, spec)
+  positions = jax.vmap(functools.partial(train.chunk_positions, C=C, B=B, N=N,
+                                         n_epochs=train.chunk_epochs(spec, C)))
+  chunk = jax.jit(functools.partial(train.train_chunk, MODEL, "sgd"), static_argnames="fast")
+  for _ in range(steps_before // C):
+    state, _ = chunk(state, ex, POOLS, *positions(ex.seed, state.step, ex.n, ex.b), fast=False)
+  pos, mask = positions(ex.seed, state.step, ex.n, ex.b)
+  return [chunk(state, ex, POOLS, pos, mask, fast=f) for f in (True, False)]
+
+
+@pytest.mark.parametrize("case", ["all active", "some idle", "K inside the chunk", "diverges",
+                                  "diverged before"])
+def test_fast_chunk_equals_checked_chunk(case):
+  spec, before = {
+      "all active": (make(), 0),
+      "some idle": (make(K=(10, 40, 10, 40)), 10),             # experts 0 and 2 reached K
+      "K inside the chunk": (make(K=(15, 40, 15, 40)), 10),    # falls back to the checked step
+      "diverges": (make(eta=(0.1, 1e30, 0.2, 0.1)), 0),        # expert 1 blows up mid-chunk
+      "diverged before": (make(eta=(0.1, 1e30, 0.2, 0.1)), 10),
+  }[case]
+  (fast, fast_loss), (checked, checked_loss) = _chunk_both_ways(spec, before)
+  for a, b in zip(jax.tree.leaves(fast), jax.tree.leaves(checked)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  np.testing.assert_array_equal(np.asarray(fast_loss), np.asarray(checked_loss))
+  d = np.asarray(checked.diverged_at)
+  assert (d[1] >= 0) == case.startswith("diverge") and np.all(d[[0, 2, 3]] == -1)
+  if case == "diverges":
+    assert 0 < d[1] < 10  # inside this chunk, so the fast result was rejected and rerun
+
+
 def test_chunks_do_not_recompile():
   _, trainer = run(make(), milestones=(10, 20, 30, 40), max_chunk=5)  # 8 chunks, 4 snapshots
   assert trainer.traces == 1
