@@ -29,8 +29,9 @@ start and end load averages are printed: above ~0.5 another process shared the c
 ratios against the single-threaded loop then favour the loop. FLOPs per expert-step are the
 matmuls of forward and backward: 2b(64*128 + 128*10) forward, the same for the weight
 gradients, 2b*128*10 for the hidden gradient (1.29 MFLOP at b = 32). Sizes >= 4096 use
-`--big-repeats`. `--levers` also times the trainer at other block sizes and chunk lengths. Runtime: about 5 minutes on an idle 2-core CPU,
-9 under load (PyTorch from the `bench` extra: `.venv/bin/pip install -e '.[bench]'`).
+`--big-repeats`. `--levers` also times the trainer at other block sizes and chunk lengths.
+Runtime: about 6 minutes on an idle 2-core CPU, 9 under load (PyTorch from the `bench` extra:
+`.venv/bin/pip install -e '.[bench]'`).
 """
 from __future__ import annotations
 
