@@ -179,6 +179,13 @@ def chunk_epochs(experts: experts_lib.Experts, C: int) -> int:
 # ---------------------------------------------------------------------------------------------
 # The step.
 
+def _all_finite(tree) -> jax.Array:
+  """Whether every entry of every leaf is finite. p * 0 is 0 where p is finite and NaN
+  elsewhere: one float reduction per leaf (XLA's boolean all() is several kernels per leaf on
+  CPU)."""
+  return jnp.isfinite(sum(jnp.sum(a * 0.0) for a in jax.tree.leaves(tree)))
+
+
 def train_step(model: models_lib.Model, optimizer: str, state: TrainState,
                expert: experts_lib.Experts, pools: Pools, pos: jax.Array, mask: jax.Array,
                checked: bool = True):
@@ -204,9 +211,7 @@ def train_step(model: models_lib.Model, optimizer: str, state: TrainState,
   params = model.carry_state(optax.apply_updates(state.params, updates), forward)
   if not checked:
     return state.replace(params=params, opt_state=opt_state, step=state.step + 1), loss
-  # p * 0 is 0 where p is finite and NaN elsewhere: one float reduction per leaf (XLA's boolean
-  # all() is several kernels per leaf on CPU).
-  finite = jnp.isfinite(loss + sum(jnp.sum(p * 0.0) for p in jax.tree.leaves(params)))
+  finite = jnp.isfinite(loss) & _all_finite(params)
   active = (state.step < expert.K) & (state.diverged_at < 0)
   commit = active & finite
   keep = lambda new, old: jax.tree.map(lambda a, c: jnp.where(commit, a, c), new, old)
@@ -214,12 +219,6 @@ def train_step(model: models_lib.Model, optimizer: str, state: TrainState,
                    step=state.step + 1,
                    diverged_at=jnp.where(active & ~finite, state.step, state.diverged_at))
   return new, jnp.where(active, loss, jnp.nan)
-
-
-def _finite(tree) -> jax.Array:
-  """[E] whether every entry of each expert's leaves is finite (one float reduction per leaf)."""
-  return jnp.isfinite(sum(jnp.sum((a * 0.0).reshape(a.shape[0], -1), axis=1)
-                          for a in jax.tree.leaves(tree)))
 
 
 def train_chunk(model: models_lib.Model, optimizer: str, state: TrainState,
@@ -262,7 +261,7 @@ def train_chunk(model: models_lib.Model, optimizer: str, state: TrainState,
   def fast_chunk():
     new, loss_CxE = scan(False)
     ok = jnp.all(~active | (jnp.all(jnp.isfinite(loss_CxE), axis=0)
-                            & _finite((new.params, new.opt_state))))
+                            & jax.vmap(_all_finite)((new.params, new.opt_state))))
     keep = lambda a, b: jnp.where(active.reshape((-1,) + (1,) * (a.ndim - 1)), a, b)
     new = TrainState(params=jax.tree.map(keep, new.params, state.params),
                      opt_state=jax.tree.map(keep, new.opt_state, state.opt_state),
