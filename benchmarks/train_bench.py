@@ -46,7 +46,6 @@ sharding_lib.use_host_cores()
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 
 from stability import experts as experts_lib  # noqa: E402
 from stability import models, tasks, train  # noqa: E402
@@ -101,9 +100,7 @@ class Setup:
 
   def dense(self, E: int | None = None) -> dict[str, np.ndarray]:
     """Initial params as w1 [E, 64, 128], b1, w2 [E, 128, 10], b2 (x @ w + b)."""
-    p = jax.tree.map(lambda a: np.asarray(a[:E or self.E]), self.params)
-    return {"w1": p["backbone"]["Dense_0"]["kernel"], "b1": p["backbone"]["Dense_0"]["bias"],
-            "w2": p["head"]["Dense_0"]["kernel"], "b2": p["head"]["Dense_0"]["bias"]}
+    return ours_as_dense(jax.tree.map(lambda a: a[:E or self.E], self.params))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -132,12 +129,10 @@ def _plain_loss(p, x, y):
 def plain_jax(setup: Setup):
   """jit(vmap(scan)) of a bare SGD step over a precomputed index table, sharded over devices."""
   mesh = sharding_lib.expert_mesh()
-  E = sharding_lib.padded_size(setup.E, mesh.size)
-  pad = lambda a: np.concatenate([a, np.repeat(a[:1], E - len(a), 0)])
-  shard = NamedSharding(mesh, P(sharding_lib.AXIS))
+  shard = sharding_lib.expert_sharding(mesh)
   X, Y = jnp.asarray(setup.X), jnp.asarray(setup.Y)
-  rows = jax.device_put(pad(setup.rows()), shard)
-  p0 = {k: pad(v) for k, v in setup.dense().items()}
+  rows = jax.device_put(sharding_lib.pad_tree(setup.rows(), mesh.size), shard)
+  p0 = sharding_lib.pad_tree(setup.dense(), mesh.size)
 
   def one_expert(p, rows_CxB):
     def body(carry, r):
@@ -280,7 +275,7 @@ def matmul_rates(n: int = 2048, repeats: int = 10) -> dict[str, float]:
   out["jax, 1 device"] = 2 * n ** 3 / _best(lambda: jax.block_until_ready(one(a1)), repeats)
   mesh = sharding_lib.expert_mesh()
   if mesh.size > 1:
-    s = NamedSharding(mesh, P(sharding_lib.AXIS))
+    s = sharding_lib.expert_sharding(mesh)
     stack = jax.device_put(np.broadcast_to(a, (mesh.size, n, n)).copy(), s)
     many = jax.jit(lambda x: x @ x, out_shardings=s)
     out[f"jax, {mesh.size} devices"] = mesh.size * 2 * n ** 3 / _best(

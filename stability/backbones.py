@@ -119,11 +119,9 @@ class ResNet(nn.Module):
   def __call__(self, x, train: bool = False, mask=None):
     bias = self.norm == "none"
     if self.stem == "imagenet":
-      x = nn.Conv(self.width, (7, 7), (2, 2), _pad(3), use_bias=bias, kernel_init=_conv_init,
-                  name="conv1")(x)
+      x = _conv(self.width, 7, 2, 3, "conv1", bias=bias)(x)
     else:
-      x = nn.Conv(self.width, (3, 3), (1, 1), _pad(1), use_bias=bias, kernel_init=_conv_init,
-                  name="conv1")(x)
+      x = _conv(self.width, 3, 1, 1, "conv1", bias=bias)(x)
     x = nn.relu(_norm(self.norm, self.bn_momentum, "bn1", x, train, mask))
     if self.stem == "imagenet":
       x = nn.max_pool(x, (3, 3), (2, 2), _pad(1))

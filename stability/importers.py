@@ -29,6 +29,7 @@ it into a params stack with leading axis E, the tree every merge, evaluation and
 from __future__ import annotations
 
 import collections
+import functools
 import importlib.util
 import os
 import pickle
@@ -281,8 +282,10 @@ def _to_torch_layout(leaf: str, a: np.ndarray) -> np.ndarray:
   return a
 
 
+@functools.lru_cache(maxsize=16)
 def _template(model: models_lib.Model, image_shape: tuple[int, ...]):
-  """Abstract params {'backbone', 'head'} of the model at this image shape."""
+  """Abstract params {'backbone', 'head'} of the model at this image shape (traced once per
+  model and shape: `stack_experts` imports one checkpoint per expert)."""
   def init():
     bb = model.init_backbone(jax.random.key(0), image_shape)
     return {"backbone": bb, "head": model.init_head(jax.random.key(1), bb, image_shape)}
