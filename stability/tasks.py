@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 
@@ -148,9 +148,12 @@ def get_suite(name: str, seed: int = 0, **options) -> Suite:
   """Builds (and memoises) the named suite; a function of `seed` and the factory's `options`."""
   if name not in _SUITES:
     raise ValueError(f"suite: unknown suite {name!r}; allowed: {', '.join(suite_names())}")
-  # Lists (from configs) become tuples so that the options can key the cache.
-  return _build_suite(name, seed, **{k: tuple(v) if isinstance(v, list) else v
-                                     for k, v in options.items()})
+  return _build_suite(name, seed, **{k: _frozen(v) for k, v in options.items()})
+
+
+def _frozen(v: Any) -> Any:
+  """Lists (from configs), nested too (normalize=[[mean], [std]]), as tuples: cache keys."""
+  return tuple(_frozen(e) for e in v) if isinstance(v, (list, tuple)) else v
 
 
 @functools.lru_cache(maxsize=8)

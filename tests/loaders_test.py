@@ -172,6 +172,12 @@ def test_normalisation_statistics_and_options(tmp_path):
   raw = loaders.disk_suite(0, data_root=str(tmp_path), image_size=4)
   np.testing.assert_allclose(s.tasks[0].x_test * loaders.IMAGENET_STD + loaders.IMAGENET_MEAN,
                              raw.tasks[0].x_test, atol=1e-6)
+  # The same statistics as a (mean, std) pair of lists, as a config gives them: nested lists
+  # must still key the suite cache.
+  pair = tasks.get_suite("disk", 0, data_root=str(tmp_path), image_size=4,
+                         normalize=[list(map(float, loaders.IMAGENET_MEAN)),
+                                    list(map(float, loaders.IMAGENET_STD))])
+  np.testing.assert_allclose(pair.tasks[0].x_test, s.tasks[0].x_test, atol=1e-6)
   with pytest.raises(ValueError, match="normalize: 'imagenet' needs channels=3"):
     loaders.disk_suite(0, data_root=str(tmp_path), channels=1, normalize="imagenet")
   with pytest.raises(ValueError, match="normalize"):
