@@ -732,8 +732,22 @@ def discover(data_root: str) -> tuple[str, ...]:
 # ---------------------------------------------------------------------------------------------
 # Tasks and suites.
 
+def _stamp(path: str) -> tuple[int, int, int]:
+  """(files, bytes, latest mtime in ns) of a file or of every file below a directory: a
+  directory's own mtime misses edits and additions inside its class subfolders."""
+  if os.path.isfile(path):
+    st = os.stat(path)
+    return 1, st.st_size, st.st_mtime_ns
+  n = size = latest = 0
+  for d, _, files in os.walk(path):
+    for f in files:
+      st = os.stat(os.path.join(d, f))
+      n, size, latest = n + 1, size + st.st_size, max(latest, st.st_mtime_ns)
+  return n, size, latest
+
+
 def _cache_key(kind: str, path: str, prep: Preprocess, **extra) -> str:
-  blob = json.dumps(dict(kind=kind, path=os.path.abspath(path), mtime=os.stat(path).st_mtime_ns,
+  blob = json.dumps(dict(kind=kind, path=os.path.abspath(path), stamp=_stamp(path),
                          prep=dataclasses.asdict(prep), **extra), sort_keys=True, default=str)
   return hashlib.sha256(blob.encode()).hexdigest()[:16]
 

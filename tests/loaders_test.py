@@ -396,6 +396,16 @@ def test_disk_suite_pools_are_disjoint_deterministic_and_cached(tmp_path):
   b = loaders.disk_suite(0, data_root=root, image_size=8, cache_dir=cache)
   np.testing.assert_array_equal(a.tasks[0].x_train, b.tasks[0].x_train)
   np.testing.assert_array_equal(a.x_pretrain, b.x_pretrain)
+  # An image edited inside a class folder (the task folder's own mtime does not change) is
+  # read again, not served from the cache.
+  img = os.path.join(root, "shapes", "train", "a", "000.png")
+  Image.fromarray(np.zeros_like(np.asarray(Image.open(img)))).save(img)
+  os.utime(img, ns=(os.stat(img).st_atime_ns, os.stat(img).st_mtime_ns + 10 ** 9))
+  c = loaders.disk_suite(0, data_root=root, image_size=8, cache_dir=cache)
+  assert len(os.listdir(cache)) == 3
+  total = lambda su: float(su.x_pretrain.sum()) + sum(
+      float(t.x_train.sum() + t.x_test.sum() + t.x_ghost.sum()) for t in su.tasks)
+  assert total(c) < total(b)  # the zeroed image is in it
 
 
 def test_suite_from_an_image_folder_root_trains(tmp_path):
