@@ -1,5 +1,5 @@
-"""Merge throughput: jitted `stability.merge` vs per-state_dict loops (numpy; torch as FusionBench
-writes them) and vs copy bandwidth.
+"""Merge throughput: jitted `stability.merging` vs per-state_dict loops (numpy; torch as
+FusionBench writes them) and vs copy bandwidth.
 
 The question: how fast are our merges on the shape of the paper's protocol (1,000 expert
 backbones merged into 1,000 groups of 6)? Backbone: `get_model('mlp', 10)` on 14x14x1 inputs
@@ -36,7 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from stability import merge
+from stability import merging
 from stability.models import get_model
 
 E, G, M = 1000, 1000, 6
@@ -251,10 +251,11 @@ def main() -> None:
 
   # Same semantics before timing: ours == the loops on a few groups.
   few = groups[:3]
-  for ours, ref in ((merge.average(x0, stack, few), loop_average(sds, few)),
-                    (merge.task_arithmetic(x0, stack, few, lam=LAM_TA),
+  for ours, ref in ((merging.average(x0, stack, few), loop_average(sds, few)),
+                    (merging.task_arithmetic(x0, stack, few, lam=LAM_TA),
                      loop_task_arithmetic(sd0, sds, few, LAM_TA)),
-                    (merge.ties(x0, stack, few, k=K_TIES), loop_ties(sd0, sds, few, K_TIES, 1.0))):
+                    (merging.ties(x0, stack, few, k=K_TIES),
+                     loop_ties(sd0, sds, few, K_TIES, 1.0))):
     for a, k in zip(jax.tree.leaves(ours), names):
       np.testing.assert_allclose(np.asarray(a), np.stack([r[k] for r in ref]), rtol=1e-4,
                                  atol=1e-5)
@@ -269,12 +270,12 @@ def main() -> None:
 
   key = jax.random.key(1)
   cases = [
-      ("average", lambda: merge.average(x0, stack, groups), lambda: loop_average(sds, groups)),
-      ("task_arithmetic", lambda: merge.task_arithmetic(x0, stack, groups, lam=LAM_TA),
+      ("average", lambda: merging.average(x0, stack, groups), lambda: loop_average(sds, groups)),
+      ("task_arithmetic", lambda: merging.task_arithmetic(x0, stack, groups, lam=LAM_TA),
        lambda: loop_task_arithmetic(sd0, sds, groups, LAM_TA)),
-      ("ties (k=0.2)", lambda: merge.ties(x0, stack, groups, k=K_TIES),
+      ("ties (k=0.2)", lambda: merging.ties(x0, stack, groups, k=K_TIES),
        lambda: loop_ties(sd0, sds, groups, K_TIES, 1.0)),
-      ("dare+TA (p=0.5)", lambda: merge.dare(x0, stack, groups, key=key, p=P_DARE),
+      ("dare+TA (p=0.5)", lambda: merging.dare(x0, stack, groups, key=key, p=P_DARE),
        lambda: loop_dare(sd0, sds, groups, P_DARE, LAM_TA, np.random.default_rng(0))),
   ]
   print(f"E={E} experts, G={G} groups of M={M}; backbone {P} float32 ({P * 4 / 1e3:.0f} kB); "
@@ -305,7 +306,7 @@ def main() -> None:
   if args.levers:
     print("\nlevers (average):")
     for cs in (None, 64, 256):
-      t = _median_time(lambda: merge.average(x0, stack, groups, chunk_size=cs), args.repeats)
+      t = _median_time(lambda: merging.average(x0, stack, groups, chunk_size=cs), args.repeats)
       print(f"  chunk_size={cs!s:<5} {t * 1e3:8.1f} ms {bytes_moved / t / 1e9:6.1f} GB/s")
 
     @jax.jit

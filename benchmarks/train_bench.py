@@ -48,7 +48,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from stability import experts as experts_lib  # noqa: E402
-from stability import models, tasks, train  # noqa: E402
+from stability import data, models, train  # noqa: E402
 
 D_IN, HIDDEN, CLASSES, B = 64, 128, 10, 32
 ETA, MOMENTUM, WD = 0.01, 0.9, 1e-4
@@ -60,23 +60,23 @@ def flops_per_step(b: int = B) -> int:
   return 2 * fwd + 2 * b * HIDDEN * CLASSES
 
 
-def digits_suite() -> tasks.Suite:
+def digits_suite() -> data.Suite:
   """sklearn's 8x8 digits as one 10-class task (every sample in the train pool)."""
   from sklearn.datasets import load_digits
   d = load_digits()
   x = (d.images / 16.0).astype(np.float32)[..., None]
   y = d.target.astype(np.int32)
   empty_x, empty_y = x[:0], y[:0]
-  task = tasks.Task(name="digits", num_classes=10, x_train=x, y_train=y, x_test=empty_x,
-                    y_test=empty_y, x_ghost=empty_x, y_ghost=empty_y)
-  return tasks.Suite(name="digits8x8", seed=0, tasks=(task,), x_pretrain=empty_x,
-                     y_pretrain=empty_y, pretrain_classes=10)
+  task = data.Task(name="digits", num_classes=10, x_train=x, y_train=y, x_test=empty_x,
+                   y_test=empty_y, x_ghost=empty_x, y_ghost=empty_y)
+  return data.Suite(name="digits8x8", seed=0, tasks=(task,), x_pretrain=empty_x,
+                    y_pretrain=empty_y, pretrain_classes=10)
 
 
 class Setup:
   """E experts (seeds 0..E-1) on the digits task, their initial params and minibatch rows."""
 
-  def __init__(self, suite: tasks.Suite, E: int, steps: int):
+  def __init__(self, suite: data.Suite, E: int, steps: int):
     self.suite, self.E, self.steps = suite, E, steps
     self.model = models.get_model("mlp", CLASSES, widths=(HIDDEN,))
     self.spec = experts_lib.make_experts(suite, task=[0] * E, eta=ETA, b=B, K=steps,
@@ -311,7 +311,7 @@ def time_interleaved(fns: dict, repeats: int) -> dict[str, list[float]]:
   return times
 
 
-def check_same_training(suite: tasks.Suite, with_torch: bool, steps: int = 20,
+def check_same_training(suite: data.Suite, with_torch: bool, steps: int = 20,
                         E: int = 4) -> dict[str, float]:
   """Max |param difference| after `steps` steps between ours and each other method."""
   s = Setup(suite, E, steps)

@@ -26,7 +26,8 @@ import numpy as np  # noqa: E402
 
 from experiments import stability_hparams  # noqa: E402
 from stability import experts as experts_lib  # noqa: E402
-from stability import models, sweep, tasks, train, twins  # noqa: E402
+from stability import data, models, train, twins  # noqa: E402
+from stability.studies import common  # noqa: E402
 
 
 def main() -> None:
@@ -39,8 +40,8 @@ def main() -> None:
   args = ap.parse_args()
   cfg = stability_hparams.get_config()
   cfg.sweep.seeds = tuple(range(args.seeds))
-  suite = tasks.get_suite(cfg.data.suite, cfg.seed)
-  originals, _, _ = sweep.build_grid(cfg, suite)
+  suite = data.get_suite(cfg.data.suite, cfg.seed)
+  originals, _, _ = common.build_grid(cfg, suite)
   arrays = suite.arrays()
   with_twins = twins.make_twins(originals, arrays, m=1, control=False)
   model = models.get_model(cfg.model.name, suite.max_classes, **cfg.model.kwargs.to_dict())
@@ -66,7 +67,7 @@ def main() -> None:
   variants = {"plain": runner(originals, False), "twins": runner(with_twins, True)}
   if args.reference:
     cfg.sweep.seeds = tuple(range(2 * args.seeds))
-    variants["plain2x"] = runner(sweep.build_grid(cfg, suite)[0], False)
+    variants["plain2x"] = runner(common.build_grid(cfg, suite)[0], False)
   for run in variants.values():
     run()  # warm-up: compile
   times = {k: [] for k in variants}

@@ -23,20 +23,16 @@ Runtime: hours on one accelerator (the dry run prints the FLOP count and memory 
 meant for CPU. Expect per-K tables and the merged_vs_K figure as in experiments/main.py.
 Notebook: notebooks/main.ipynb (same row kinds as the main job).
 """
-import os
-import sys
-
 import ml_collections
 
-sys.path.insert(0, os.path.dirname(__file__))
-import main  # noqa: E402
+from experiments import common
 
 
 def get_config() -> ml_collections.ConfigDict:
-  c = main.get_config()
+  c = common.base("main")
 
   # Data
-  c.data.suite = "paper20"             # the 20 tasks read from disk (stability.loaders)
+  c.data.suite = "paper20"             # the 20 tasks read from disk (stability.data)
   c.data.options = ml_collections.ConfigDict({
       "data_root": "~/data/paper20",   # where the datasets live (see README for the layout)
       "image_size": 32,                # pixels (square), after centre crop + resize

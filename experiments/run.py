@@ -1,6 +1,8 @@
-"""Thin runner: `python -m experiments.run experiments/<study>.py --workdir DIR [--config.a.b=v]`.
+"""Thin runner: `python -m experiments.run experiments/<study>.py[:VARIANT] --workdir DIR
+[--config.a.b=v] [--dry-run]`.
 
-Parses the config, logs the devices, and calls `stability.sweep.run`. On a CPU host with no
+Parses the config (`experiments/main.py:tiny` passes "tiny" to its get_config), logs the
+devices, and dispatches on `config.study` through `stability.studies`. On a CPU host with no
 XLA_FLAGS device count set, it exposes one single-threaded host device per core so the expert
 axis is sharded over all cores (`stability.sharding.use_host_cores`; set XLA_FLAGS yourself to
 override).
@@ -13,7 +15,7 @@ import sys
 
 def main(argv: list[str] | None = None) -> int:
   p = argparse.ArgumentParser(prog="python -m experiments.run", description=__doc__.split("\n")[0])
-  p.add_argument("config", help="path to a study config file, e.g. experiments/main.py")
+  p.add_argument("config", help="a study config file, e.g. experiments/main.py or experiments/main.py:tiny")
   p.add_argument("--workdir", required=True, help="output directory (results, figures)")
   p.add_argument("--dry-run", action="store_true", help="print the plan without computing")
   p.add_argument("--distributed", action="store_true",
@@ -41,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
   elif args.distributed:
     jax.distributed.initialize()
   from stability import config as config_lib
-  from stability import sweep
+  from stability import studies
 
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
   try:
@@ -53,9 +55,9 @@ def main(argv: list[str] | None = None) -> int:
                jax.devices())
   try:
     if args.dry_run:
-      print(sweep.dry_run(cfg))
+      print(studies.plan(cfg))
       return 0
-    summary = sweep.run(cfg, args.workdir)
+    summary = studies.run(cfg, args.workdir)
   except ValueError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2

@@ -6,32 +6,24 @@ the mean member eps^2, for task arithmetic lam^2 x it. Does the measured merged 
 like 1/M^2, and what do TIES (data-dependent mask) and DARE (rescale 1/(1-p)) do instead?
 
   python -m experiments.run experiments/stability_M.py --workdir runs/stability_M
+  python -m experiments.run experiments/stability_M.py:tiny --workdir runs/stability_M_tiny
 
 Setup: eta = 0.01, b = 32, full data, seeds 0 and 1, 20 tasks of the default suite (the first
 20) = 40 experts, each with 2 twins and a control (160 rows), K = 200 and 400. For each M and
 config, 10 groups (seeds 0-9) are merged with average, task arithmetic (lam 0.3), TIES (k 0.2,
-lam 1) and DARE+average (p 0.5, rescale), once per twin substitution.
+lam 1) and DARE+average (p 0.5, rescale), once per twin substitution. `tiny`: the synthetic
+4-task suite, M in {2, 3, 4}, the same four merges (~30 s; the numbers mean little).
 
+Runtime: about 2 min on a 2-core CPU.
 Outputs: runs/stability_M/merged_stability_vs_M.png, summary.json (merged eps^2 and merged /
-member ratio by merge and M, log-log slope against M).
-
-Runtime: 1 min 35 s on a 2-core CPU. Measured: merged / member eps^2 = 1/M^2 exactly for the
-average (slope of merged eps^2 vs M -2.06, CI [-2.43, -1.69]); lam^2 = 0.09 for task arithmetic
-whatever M; 2/M^2 for DARE (the 1/(1-p) rescale); TIES 4.4-7.9 at every M: the TIES merge is
-less stable than one of its members and does not improve with M. Tables: README "Stability".
+member ratio by merge and M, log-log slope against M). Results: README "Stability".
 Notebook: notebooks/stability_M.ipynb.
 """
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(__file__))
-import main  # noqa: E402
-import stability_hparams  # noqa: E402
+from experiments import common
 
 
-def get_config():
-  c = main.get_config()
-  c.study = "stability"
+def get_config(variant=None):
+  c = common.base("stability")
   c.data.tasks = tuple(n for n in (
       "mnist", "mnist_rot90", "mnist_rot180", "mnist_rot270", "mnist_flip", "mnist_transpose",
       "mnist_invert", "mnist_perm_a", "mnist_perm_b", "mnist_quadrants", "mnist_shift",
@@ -42,9 +34,16 @@ def get_config():
   c.sweep.data_ratio = (1.0,)
   c.sweep.seeds = (0, 1)
   c.sweep.milestones = (200, 400)
-  c.stability = stability_hparams.stability_section()
+  c.stability = common.stability_section()
   c.stability.num_twins = 2
   c.stability.group_sizes = (2, 4, 6, 8, 12, 20)
   c.stability.merges = ("average", "task_arithmetic", "ties", "dare_average")
   c.stability.figures = ("merged_stability_vs_M",)
+  if common.variant(variant) == "tiny":
+    common.tiny(c)
+    c.sweep.lr = (0.1,)
+    c.sweep.batch_size = (4,)
+    c.sweep.data_ratio = (1.0,)
+    c.stability.group_sizes = (2, 3, 4)
+    c.stability.num_groups = 3
   return c

@@ -1,6 +1,7 @@
 """Experiment configs: load a config file, apply dotted command-line overrides, hash it.
 
-A config file exposes `get_config() -> ml_collections.ConfigDict`. The dict is locked, so an
+A config file exposes `get_config(variant=None) -> ml_collections.ConfigDict`; `path:variant`
+(big_vision style, e.g. `experiments/main.py:tiny`) passes the text after the colon. The dict is locked, so an
 override of an unknown key is an error naming the key, never a silent new field. Override values
 are parsed to the type of the field they replace; tuple fields take comma-separated lists
 (`--config.sweep.lr=0.01,0.001`).
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import inspect
 import json
 import os
 from typing import Sequence
@@ -17,7 +19,9 @@ import ml_collections
 
 
 def load(path: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
-  """Loads `path`'s get_config() and applies `--config.a.b=value` overrides."""
+  """Loads `path`'s get_config() (`path:variant`: get_config(variant)) and applies
+  `--config.a.b=value` overrides."""
+  path, _, variant = path.partition(":")
   if not os.path.isfile(path):
     raise ValueError(f"config: no config file at {path!r}")
   spec = importlib.util.spec_from_file_location(
@@ -26,7 +30,9 @@ def load(path: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
   spec.loader.exec_module(module)
   if not hasattr(module, "get_config"):
     raise ValueError(f"config: {path!r} defines no get_config()")
-  cfg = module.get_config()
+  if variant and not inspect.signature(module.get_config).parameters:
+    raise ValueError(f"config: {path!r} has no variants (got {variant!r})")
+  cfg = module.get_config(variant) if variant else module.get_config()
   cfg.lock()
   for arg in overrides:
     apply_override(cfg, arg)

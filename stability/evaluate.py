@@ -14,10 +14,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from stability import data as data_lib
 from stability import experts as experts_lib
 from stability import models as models_lib
 from stability import sharding as sharding_lib
-from stability import tasks as tasks_lib
 
 METRICS = ("train_loss", "train_acc", "test_loss", "test_acc", "gap")
 
@@ -32,7 +32,7 @@ class EvalData:
   n_test: jax.Array
 
   @classmethod
-  def from_arrays(cls, a: tasks_lib.TaskArrays) -> "EvalData":
+  def from_arrays(cls, a: data_lib.TaskArrays) -> "EvalData":
     return cls(*(jnp.asarray(v) for v in (a.x_pool, a.y_pool, a.x_test, a.y_test, a.n_test)))
 
 

@@ -16,8 +16,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from stability import data as data_lib
 from stability import models as models_lib
-from stability import tasks as tasks_lib
 
 
 @flax.struct.dataclass
@@ -52,7 +52,7 @@ def expert_keys(seed: jax.Array) -> tuple[jax.Array, jax.Array]:
   return head_key, data_key
 
 
-def make_experts(suite: tasks_lib.Suite, *, task: Sequence[int], eta: Sequence[float],
+def make_experts(suite: data_lib.Suite, *, task: Sequence[int], eta: Sequence[float],
                  b: Sequence[int], K: Sequence[int], data_ratio: Sequence[float],
                  seed: Sequence[int], momentum: float | Sequence[float] = 0.9,
                  weight_decay: float | Sequence[float] = 1e-4) -> Experts:
@@ -71,7 +71,7 @@ def make_experts(suite: tasks_lib.Suite, *, task: Sequence[int], eta: Sequence[f
   _check(np.all((mom >= 0) & (mom < 1)), "momentum", "must lie in [0, 1)")
   _check(np.all(wd >= 0), "weight_decay", "must be >= 0")
   n_train = np.array([suite.tasks[t].n_train for t in task], np.int64)
-  n = np.array([tasks_lib.subset_size(int(m), float(r)) for m, r in zip(n_train, ratio)])
+  n = np.array([data_lib.subset_size(int(m), float(r)) for m, r in zip(n_train, ratio)])
   _check(np.all(b >= 1), "b", "batch sizes must be >= 1")
   bad = np.flatnonzero(b > n)
   _check(bad.size == 0, "b", "batch size must be <= n_i (the expert's training-subset size); "
@@ -79,7 +79,7 @@ def make_experts(suite: tasks_lib.Suite, *, task: Sequence[int], eta: Sequence[f
   N = int(n.max())
   subset = np.zeros((E, N), np.int32)
   for e in range(E):
-    idx = tasks_lib.subset_indices(int(n_train[e]), float(ratio[e]), int(seed[e]), int(task[e]))
+    idx = data_lib.subset_indices(int(n_train[e]), float(ratio[e]), int(seed[e]), int(task[e]))
     subset[e, :len(idx)] = idx
   num_classes = np.array([suite.tasks[t].num_classes for t in task], np.int32)
   return Experts(task=task, eta=eta, b=b, K=K, n=n.astype(np.int32),

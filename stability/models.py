@@ -7,7 +7,7 @@ the rest (`masked_logits`), so experts of different tasks share one tree structu
 A backbone with state (BatchNorm running statistics, `Model.state = ('batch_stats',)`) keeps it
 in its tree as Flax variables: `backbone = {'params': ..., 'batch_stats': ...}`. So the state
 rides with every expert through vmap, sharding, snapshots and merges (which average it like any
-leaf; `merge.merge_batch_stats` sets it otherwise). Training (`apply_train`) normalises with the
+leaf; `merging.merge_batch_stats` sets it otherwise). Training (`apply_train`) normalises with the
 batch's real rows and returns the updated statistics; evaluation (`apply`) uses the stored ones.
 """
 from __future__ import annotations

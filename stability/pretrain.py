@@ -16,24 +16,24 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from stability import data as data_lib
 from stability import experts as experts_lib
 from stability import models as models_lib
-from stability import tasks as tasks_lib
 from stability import train as train_lib
 
 log = logging.getLogger(__name__)
 
 
-def pretrain_suite(suite: tasks_lib.Suite) -> tasks_lib.Suite:
+def pretrain_suite(suite: data_lib.Suite) -> data_lib.Suite:
   """The pretraining set as a one-task suite (no test or ghost data needed)."""
   empty_x = suite.x_pretrain[:0]
-  task = tasks_lib.Task(name="pretrain", num_classes=suite.pretrain_classes,
-                        x_train=suite.x_pretrain, y_train=suite.y_pretrain,
-                        x_test=empty_x, y_test=suite.y_pretrain[:0],
-                        x_ghost=empty_x, y_ghost=suite.y_pretrain[:0])
-  return tasks_lib.Suite(name=suite.name + "/pretrain", seed=suite.seed, tasks=(task,),
-                         x_pretrain=empty_x, y_pretrain=suite.y_pretrain[:0],
-                         pretrain_classes=suite.pretrain_classes)
+  task = data_lib.Task(name="pretrain", num_classes=suite.pretrain_classes,
+                       x_train=suite.x_pretrain, y_train=suite.y_pretrain,
+                       x_test=empty_x, y_test=suite.y_pretrain[:0],
+                       x_ghost=empty_x, y_ghost=suite.y_pretrain[:0])
+  return data_lib.Suite(name=suite.name + "/pretrain", seed=suite.seed, tasks=(task,),
+                        x_pretrain=empty_x, y_pretrain=suite.y_pretrain[:0],
+                        pretrain_classes=suite.pretrain_classes)
 
 
 def cache_key(**spec) -> str:
@@ -41,7 +41,7 @@ def cache_key(**spec) -> str:
   return hashlib.sha256(blob).hexdigest()[:16]
 
 
-def pretrain(model: models_lib.Model, suite: tasks_lib.Suite, *, steps: int, batch_size: int,
+def pretrain(model: models_lib.Model, suite: data_lib.Suite, *, steps: int, batch_size: int,
              eta: float, momentum: float, weight_decay: float, optimizer: str, seed: int,
              mesh=None) -> Any:
   """Trains backbone + a pretraining head from scratch; returns the backbone."""
@@ -63,7 +63,7 @@ def pretrain(model: models_lib.Model, suite: tasks_lib.Suite, *, steps: int, bat
   return jax.tree.map(lambda a: np.asarray(a[0]), state.params["backbone"])
 
 
-def get_pretrained(model: models_lib.Model, suite: tasks_lib.Suite, model_spec: dict,
+def get_pretrained(model: models_lib.Model, suite: data_lib.Suite, model_spec: dict,
                    cache_dir: str | None, **hparams) -> Any:
   """Returns the cached base backbone, training and caching it on first use."""
   key = cache_key(suite=suite.name, suite_seed=suite.seed, model=model_spec, **hparams)

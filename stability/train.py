@@ -33,10 +33,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from stability import data as data_lib
 from stability import experts as experts_lib
 from stability import models as models_lib
 from stability import sharding as sharding_lib
-from stability import tasks as tasks_lib
 
 Params = Any
 
@@ -80,7 +80,7 @@ class Pools:
   y: jax.Array            # [T, P]
 
   @classmethod
-  def from_arrays(cls, arrays: tasks_lib.TaskArrays) -> "Pools":
+  def from_arrays(cls, arrays: data_lib.TaskArrays) -> "Pools":
     return cls(x=jnp.asarray(arrays.x_pool), y=jnp.asarray(arrays.y_pool))
 
 

@@ -26,7 +26,6 @@ Legend: E rows (originals then twins), m twins per expert, G groups, M members p
 """
 from __future__ import annotations
 
-import inspect
 from typing import Any, Callable
 
 import jax
@@ -35,8 +34,8 @@ import numpy as np
 import scipy.stats
 
 from stability import experts as experts_lib
-from stability import merge as merge_lib
-from stability import tasks as tasks_lib
+from stability import merging
+from stability.data import tasks as tasks_lib
 
 ROLES = ("original", "twin", "control")
 
@@ -45,19 +44,24 @@ def _fail(field: str, allowed: str):
   raise ValueError(f"{field}: {allowed}")
 
 
+def check_counts(m: Any, control: bool) -> None:
+  """m twins per expert (an int >= 0) and a control twin: at least one twin in all."""
+  if isinstance(m, bool) or not isinstance(m, (int, np.integer)) or m < 0:
+    _fail("stability.num_twins", f"must be an int >= 0; got {m!r}")
+  if m == 0 and not control:
+    _fail("stability.num_twins", "must be >= 1 when stability.control is False (no twins)")
+
+
 def make_twins(experts: experts_lib.Experts, arrays: tasks_lib.TaskArrays, *, m: int,
                seed: int = 0, control: bool = True) -> experts_lib.Experts:
   """The originals followed by m twins (and one control twin if `control`) per original.
 
   Row layout: originals 0..E-1, then for each original i its m twins, then its control.
   """
-  if isinstance(m, bool) or not isinstance(m, (int, np.integer)) or m < 0:
-    _fail("stability.num_twins", f"must be an int >= 0; got {m!r}")
+  check_counts(m, control)
   E = experts.size
   if np.any(experts.replaced >= 0) or np.any(experts.origin != np.arange(E)):
     _fail("experts", "must all be originals (replaced = -1, origin = own row) to make twins")
-  if m == 0 and not control:
-    _fail("stability.num_twins", "must be >= 1 when stability.control is False (no twins)")
   n_ghost = np.asarray(arrays.n_ghost)[experts.task]
   n_train = np.asarray(arrays.n_train)[experts.task]
   bad = np.flatnonzero((m > experts.n) | (m > n_ghost))
@@ -164,9 +168,10 @@ MergeFn = Callable[..., Any]  # (x0, stack, groups, group_ids) -> merged backbon
 
 def merge_fn(name: str, **hparams) -> MergeFn:
   """A registered merge as `(x0, stack, groups, group_ids) -> merged`; group_ids (RNG ids)
-  are passed to merges that draw randomness (DARE, AdaMerging), so twins share their masks."""
-  fn = merge_lib.get(name)
-  takes_ids = "group_ids" in inspect.signature(fn).parameters
+  are passed to merges that draw randomness (registry flag `random`: DARE, AdaMerging), so
+  twins share their masks."""
+  fn = merging.get(name)
+  takes_ids = merging.ALGORITHMS[name].random
 
   def run(x0, stack, groups, group_ids):
     extra = {"group_ids": group_ids} if takes_ids else {}
@@ -204,7 +209,7 @@ def merged_sq_distances(merge: MergeFn, x0, backbones, heads, groups: np.ndarray
   # Pad to whole chunks (copies of group 0): every group then runs through the same compiled
   # vmapped body, so a control twin's merge is bit-identical to its original's (a remainder
   # chunk is compiled separately and may round differently).
-  pad = -len(all_groups) % merge_lib.CHUNK if len(all_groups) > merge_lib.CHUNK else 0
+  pad = -len(all_groups) % merging.CHUNK if len(all_groups) > merging.CHUNK else 0
   all_groups = np.concatenate([all_groups, np.repeat(all_groups[:1], pad, 0)])
   ids = np.concatenate([ids, np.zeros((pad,), np.int32)])
   merged = merge(x0, backbones, all_groups, ids)

@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 
 from stability import experts as experts_lib
-from stability import merge
+from stability import merging
 from stability import models
 from stability import sharding
-from stability import tasks
+from stability import data
 from stability import train
 
-SUITE = tasks.get_suite("tiny", 0)
+SUITE = data.get_suite("tiny", 0)
 POOLS = train.Pools.from_arrays(SUITE.arrays())
 ONE_DEVICE = sharding.expert_mesh(jax.devices()[:1])
 TINY_RESNET = dict(stem="cifar", width=4, stage_sizes=(1, 1))
@@ -152,14 +152,14 @@ def test_merging_batch_statistics():
   model, spec, x0, got = trained()
   stack = got["backbone"]
   groups = np.array([[0, 1, 2], [2, 0, 1]])
-  merged = merge.average(x0, stack, groups)
+  merged = merging.average(x0, stack, groups)
   mean_stats = jax.tree.map(lambda a: np.mean(np.asarray(a), 0), stack["batch_stats"])
   # average: the plain mean of the members' statistics, which `average` already gives.
   for g in range(2):
     assert max_diff(row(merged, g)["batch_stats"], mean_stats) < 1e-6
-    assert max_diff(row(merge.merge_batch_stats(merged, x0, stack, groups), g), row(merged, g)) \
+    assert max_diff(row(merging.merge_batch_stats(merged, x0, stack, groups), g), row(merged, g)) \
         < 1e-6
-  frozen = merge.merge_batch_stats(merged, x0, stack, groups, mode="frozen")
+  frozen = merging.merge_batch_stats(merged, x0, stack, groups, mode="frozen")
   assert max_diff(row(frozen, 1)["batch_stats"], x0["batch_stats"]) == 0.0
   assert max_diff(frozen["params"], merged["params"]) == 0.0
   # recompute: the merged backbone's own statistics on its members' real rows. One block
@@ -168,16 +168,16 @@ def test_merging_batch_statistics():
   x = arrays.x_pool[spec.task, :10]
   mask = np.ones((3, 10), np.float32)
   mask[1, 6:] = 0  # padded rows of expert 1 must not count
-  re = merge.merge_batch_stats(merged, x0, stack, groups, mode="recompute", model=model, x=x,
-                               mask=mask, batch_size=64)
+  re = merging.merge_batch_stats(merged, x0, stack, groups, mode="recompute", model=model, x=x,
+                                 mask=mask, batch_size=64)
   rows = np.concatenate([x[0], x[1, :6], x[2]])
   net = model.backbone.clone(bn_momentum=0.0)
   _, ref = net.apply(row(merged, 0), jnp.asarray(rows), train=True, mutable=["batch_stats"])
   assert max_diff(row(re, 0)["batch_stats"], ref["batch_stats"]) < 1e-5
   assert max_diff(row(re, 0)["batch_stats"], row(re, 1)["batch_stats"]) < 1e-5  # same members
   # Blocks of 13 rows: the count-weighted mean of per-block statistics.
-  blocked = merge.merge_batch_stats(merged, x0, stack, groups, mode="recompute", model=model,
-                                    x=x, mask=mask, batch_size=13)
+  blocked = merging.merge_batch_stats(merged, x0, stack, groups, mode="recompute", model=model,
+                                      x=x, mask=mask, batch_size=13)
   means = []
   flat, fmask = x.reshape((30,) + x.shape[2:]), mask.reshape(30) > 0
   blocks = [(flat[i:i + 13], fmask[i:i + 13]) for i in range(0, 30, 13)]
@@ -195,22 +195,22 @@ def test_identical_experts_merge_to_themselves_including_statistics():
   stack = jax.tree.map(lambda a: jnp.stack([a[1], a[1], a[1]]), got["backbone"])
   groups = np.array([[0, 1, 2]])
   for name, kw in [("average", {}), ("task_arithmetic", dict(lam=1 / 3))]:
-    merged = merge.merge(name, x0, stack, groups, **kw)
+    merged = merging.merge(name, x0, stack, groups, **kw)
     assert max_diff(row(merged, 0), row(got["backbone"], 1)) < 1e-5, name
-    merged = merge.merge_batch_stats(merged, x0, stack, groups)
+    merged = merging.merge_batch_stats(merged, x0, stack, groups)
     assert max_diff(row(merged, 0), row(got["backbone"], 1)) < 1e-5, name
 
 
 def test_merge_batch_stats_bad_inputs():
   model, _, x0, got = trained()
-  merged = merge.average(x0, got["backbone"], np.array([[0, 1]]))
+  merged = merging.average(x0, got["backbone"], np.array([[0, 1]]))
   with pytest.raises(ValueError, match="mode"):
-    merge.merge_batch_stats(merged, x0, got["backbone"], np.array([[0, 1]]), mode="ema")
+    merging.merge_batch_stats(merged, x0, got["backbone"], np.array([[0, 1]]), mode="ema")
   with pytest.raises(ValueError, match="x:"):
-    merge.merge_batch_stats(merged, x0, got["backbone"], np.array([[0, 1]]), mode="recompute",
-                            model=model)
+    merging.merge_batch_stats(merged, x0, got["backbone"], np.array([[0, 1]]), mode="recompute",
+                              model=model)
   with pytest.raises(ValueError, match="x0"):
     mlp = models.get_model("mlp", 4, widths=(8,))
     bb = mlp.init_backbone(jax.random.key(0), SUITE.image_shape)
     st = jax.tree.map(lambda a: a[None], bb)
-    merge.merge_batch_stats(st, bb, st, np.array([[0]]))
+    merging.merge_batch_stats(st, bb, st, np.array([[0]]))

@@ -303,11 +303,24 @@ def test_tradeoff_argmin():
   kw = dict(b=32, n=5000, M=6, L=2.0, G=1.0, D2=4.0, zeta2=0.3, f_star=0.05)
   K_grid = np.arange(1, 4001)
   K_star, curve = bounds.best_K(K_grid, 0.01, **kw)
-  assert K_star == K_grid[np.argmin(curve)]
-  assert np.all(curve >= curve[K_grid == K_star])
+
+  def total(eta, K):
+    """The model's total written out: train = f* + D2/(2 eta K) + eta G^2/2 + (L/2)(eta K)^2
+    zeta2, plus the best-gamma gap of the convex eps^2 / M^2 (rejects a dropped term, a missing
+    1/M^2, or G^2 in place of zeta2)."""
+    train = (kw["f_star"] + kw["D2"] / (2 * eta * K) + eta * kw["G"] ** 2 / 2
+             + kw["L"] / 2 * (eta * K) ** 2 * kw["zeta2"])
+    eps2 = bounds.eps2_convex(eta, kw["b"], K, kw["n"], kw["G"]) / kw["M"] ** 2
+    return train + bounds.gen_gap_best(eps2, train, kw["L"])
+
+  np.testing.assert_allclose(curve, total(0.01, K_grid), rtol=1e-12)
+  assert K_star == K_grid[np.argmin(total(0.01, K_grid))]
+  assert 1 < K_star < K_grid[-1]  # an interior optimum: the trade-off is real on this grid
   eta_grid = np.geomspace(1e-4, 1.0, 400)
   eta_star, curve = bounds.best_eta(eta_grid, 1000, **kw)
-  assert eta_star == eta_grid[np.argmin(curve)]
+  np.testing.assert_allclose(curve, total(eta_grid, 1000), rtol=1e-12)
+  assert eta_star == eta_grid[np.argmin(total(eta_grid, 1000))]
+  assert eta_grid[0] < eta_star < eta_grid[-1]
   # Without the generalization term the optimum over K has a closed form.
   K_dense = np.linspace(1, 400, 39901)
   K_num, _ = bounds.best_K(K_dense, 0.01, include_gen=False, **kw)
@@ -349,9 +362,9 @@ def _library_twins(loss: str, L_of_R2):
   logged). Returns (configs, spec, squared distances, config of each row, sum over k < K of
   the logged minibatch loss of each row, R^2)."""
   from stability import experts as experts_lib
-  from stability import models, tasks, train, twins
+  from stability import data, models, train, twins
 
-  suite = tasks.get_suite("default", 0)
+  suite = data.get_suite("default", 0)
   arrays = suite.arrays()
   t = suite.index("digits")
   n_train = int(arrays.n_train[t])

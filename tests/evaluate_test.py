@@ -3,9 +3,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from stability import evaluate, experts as experts_lib, models, sharding, tasks
+from stability import data, evaluate, experts as experts_lib, models, sharding
 
-SUITE = tasks.get_suite("tiny", 0)
+SUITE = data.get_suite("tiny", 0)
 MODEL = models.get_model("mlp", SUITE.max_classes, widths=(8,))
 
 

@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 
 from stability import experts as experts_lib
-from stability import models, tasks
+from stability import data, models
 
-SUITE = tasks.get_suite("tiny", 0)
+SUITE = data.get_suite("tiny", 0)
 
 
 def make(**kw):
@@ -31,7 +31,7 @@ def test_subsets_match_task_pools_and_sizes():
   for e in range(spec.size):
     t = spec.task[e]
     n_train = SUITE.tasks[t].n_train
-    assert spec.n[e] == tasks.subset_size(n_train, float(spec.data_ratio[e]))
+    assert spec.n[e] == data.subset_size(n_train, float(spec.data_ratio[e]))
     sub = spec.subset[e, :spec.n[e]]
     assert len(set(sub)) == spec.n[e] and sub.max() < n_train  # never a ghost row
 

@@ -17,10 +17,10 @@ from stability import backbones
 from stability import evaluate
 from stability import experts as experts_lib
 from stability import importers
-from stability import merge
+from stability import merging
 from stability import models
 from stability import sharding
-from stability import tasks
+from stability import data
 from stability import train
 
 ONE_DEVICE = sharding.expert_mesh(jax.devices()[:1])
@@ -373,7 +373,7 @@ def test_stacked_experts_merge_like_their_averaged_state_dicts(tmp_path):
   x0, stack = importers.stack_experts(model, tmp_path / "base.safetensors", paths, (8, 8, 3))
   assert stack["head"]["Dense_0"]["kernel"].shape == (3, 8, 10)
   assert np.all(stack["head"]["Dense_0"]["kernel"][0, :, 3:] == 0)
-  merged = merge.average(x0, stack["backbone"], np.array([[0, 1, 2]]))
+  merged = merging.average(x0, stack["backbone"], np.array([[0, 1, 2]]))
   mean_sd = {k: np.mean([sd[k] for sd in experts], 0) for k in base if k.startswith(
       ("conv", "bn", "layer"))}
   ref = importers.to_params(model, mean_sd, (8, 8, 3), head=False)
@@ -413,7 +413,7 @@ def test_ccexam_mnist_cnn_imports_and_reaches_99_percent_on_mnist_5k():
 @pytest.mark.slow
 def test_ccexam_base_fine_tunes_merges_and_measures():
   """import -> expert stack -> vmapped fine-tuning -> merge -> evaluation, on MNIST tasks."""
-  suite = tasks.get_suite("mnist28", 0)
+  suite = data.get_suite("mnist28", 0)
   model = models.get_model("digit_cnn", suite.max_classes)
   x0 = importers.import_checkpoint(model, importers.ccexam_weights(), suite.image_shape,
                                    head=False)
@@ -422,17 +422,17 @@ def test_ccexam_base_fine_tunes_merges_and_measures():
                                   K=40, data_ratio=0.25, seed=(0, 1))
   params = experts_lib.init_stack(model, x0, spec, suite.image_shape)
   arrays = suite.arrays()
-  data = evaluate.EvalData.from_arrays(arrays)
-  before = evaluate.evaluate(model, params, spec, data, mesh=ONE_DEVICE)
+  eval_data = evaluate.EvalData.from_arrays(arrays)
+  before = evaluate.evaluate(model, params, spec, eval_data, mesh=ONE_DEVICE)
   trainer = train.Trainer(model, "sgd", spec, train.Pools.from_arrays(arrays), mesh=ONE_DEVICE,
                           max_chunk=40)
   (_, state), = trainer.run(trainer.init(params), [40])
   params = trainer.unpad(state.params)
-  after = evaluate.evaluate(model, params, spec, data, mesh=ONE_DEVICE)
+  after = evaluate.evaluate(model, params, spec, eval_data, mesh=ONE_DEVICE)
   groups = np.array([[0, 1]])
-  merged = merge.average(x0, params["backbone"], groups)
+  merged = merging.average(x0, params["backbone"], groups)
   merged_metrics = evaluate.evaluate(model, evaluate.member_params(merged, params["head"], groups),
-                                     spec, data, mesh=ONE_DEVICE)
+                                     spec, eval_data, mesh=ONE_DEVICE)
   print("test acc before", before["test_acc"], "experts", after["test_acc"], "merged",
         merged_metrics["test_acc"])
   # Fresh heads start near chance (0.1); 40 steps teach each expert its task (measured 0.80,

@@ -1,6 +1,6 @@
 """Every notebook in notebooks/ runs headless (nbclient, offline) on a tiny results workdir.
 
-The tiny studies run once per module through the library. `stability_tiny` runs with the G and
+The tiny studies run once per module through the library. `stability_hparams.py:tiny` runs with the G and
 L constants on, so one workdir serves the stability notebooks and the theory comparison.
 """
 import ast
@@ -14,7 +14,7 @@ from jupyter_client.kernelspec import KernelSpecManager
 from jupyter_client.manager import AsyncKernelManager
 from nbclient import NotebookClient
 
-from stability import config, sweep
+from stability import config, studies
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTEBOOKS = os.path.join(ROOT, "notebooks")
@@ -24,9 +24,9 @@ ENV = "MERGE_STABILITY_WORKDIR"
 # comparison keeps one merge of each kind (linear, selecting, data-weighted, no parameters):
 # the notebook needs no particular set, and tests/sweep_test.py runs all of them.
 TINY = {
-    "main": ("main_tiny", ()),
-    "stability": ("stability_tiny", ("--config.stability.constants=true",)),
-    "compare": ("compare_merges_tiny",
+    "main": ("main.py:tiny", ()),
+    "stability": ("stability_hparams.py:tiny", ("--config.stability.constants=true",)),
+    "compare": ("compare_merges.py:tiny",
                 ("--config.compare.merges=average,task_arithmetic,ties,fisher,ensemble",)),
 }
 # notebook (= the experiment config it analyses) -> the tiny study it reads in this test.
@@ -54,10 +54,10 @@ def tiny_workdir(tmp_path_factory):
   def get(study: str) -> str:
     if study not in done:
       name, overrides = TINY[study]
-      wd = str(tmp_path_factory.mktemp(name))
-      cfg = config.load(os.path.join(ROOT, "experiments", f"{name}.py"), overrides + (
+      wd = str(tmp_path_factory.mktemp(study))
+      cfg = config.load(os.path.join(ROOT, "experiments", name), overrides + (
           "--config.output.figures=false", f"--config.output.cache_dir={cache}"))
-      sweep.run(cfg, wd)
+      studies.run(cfg, wd)
       done[study] = wd
     return done[study]
   return get
@@ -66,10 +66,10 @@ def tiny_workdir(tmp_path_factory):
 def test_every_notebook_is_covered_and_every_study_points_to_a_notebook():
   assert notebook_names() == sorted(TINY_OF), "add the new notebook to TINY_OF"
   # Each notebook analyses the experiment config of its name; every study config (not the
-  # runner, not the tiny test configs) names the notebook that analyses it in its docstring.
+  # runner, not the shared section builders) names the notebook that analyses it in its docstring.
   for path in glob.glob(os.path.join(ROOT, "experiments", "*.py")):
     name = os.path.splitext(os.path.basename(path))[0]
-    if name in ("__init__", "run") or name.endswith("_tiny"):
+    if name in ("__init__", "run", "common"):
       continue
     doc = ast.get_docstring(ast.parse(open(path).read())) or ""
     named = re.findall(r"notebooks/(\w+)\.ipynb", doc)

@@ -6,10 +6,10 @@ import pytest
 from stability import experts as experts_lib
 from stability import models
 from stability import planner
-from stability import tasks
+from stability import data
 from stability import train
 
-SUITE = tasks.get_suite("tiny", 0)
+SUITE = data.get_suite("tiny", 0)
 
 
 @pytest.mark.parametrize("name,kw,optimizer", [("mlp", {"widths": (16, 8)}, "sgd"),

@@ -2,9 +2,9 @@
 import jax
 import numpy as np
 
-from stability import models, pretrain, tasks
+from stability import data, models, pretrain
 
-SUITE = tasks.get_suite("tiny", 0)
+SUITE = data.get_suite("tiny", 0)
 MODEL = models.get_model("mlp", SUITE.max_classes, widths=(16,))
 HP = dict(steps=60, batch_size=16, eta=0.1, momentum=0.9, weight_decay=0.0, optimizer="sgd",
           seed=0)

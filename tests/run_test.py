@@ -15,7 +15,7 @@ from experiments import run as runner
 from stability import results
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# main_tiny with 4 milestones, 8 chunks of 5 steps, a checkpoint every chunk, and 2 waves.
+# main.py:tiny with 4 milestones, 8 chunks of 5 steps, a checkpoint every chunk, and 2 waves.
 SMALL = ["--config.sweep.milestones=10,20,30,40", "--config.train.max_chunk=5",
          "--config.train.checkpoint_every=5", "--config.train.max_wave=16",
          "--config.output.figures=false"]
@@ -29,9 +29,9 @@ def _env(devices: int) -> dict:
   return env
 
 
-def _start(workdir, *extra, devices: int = 1, study: str = "main_tiny") -> subprocess.Popen:
+def _start(workdir, *extra, devices: int = 1, study: str = "main.py:tiny") -> subprocess.Popen:
   return subprocess.Popen(
-      [sys.executable, "-m", "experiments.run", f"experiments/{study}.py", "--workdir",
+      [sys.executable, "-m", "experiments.run", f"experiments/{study}", "--workdir",
        str(workdir), *SMALL, *extra], cwd=ROOT, env=_env(devices), stdout=subprocess.DEVNULL,
       stderr=subprocess.PIPE, text=True)
 
@@ -127,7 +127,7 @@ def test_eight_devices_write_the_same_table_as_one(reference, tmp_path):
 
 def test_dry_run_prints_the_plan_and_computes_nothing(tmp_path, capsys):
   wd = tmp_path / "dry"
-  assert runner.main(["experiments/main_tiny.py", "--workdir", str(wd), "--dry-run", *SMALL]) == 0
+  assert runner.main(["experiments/main.py:tiny", "--workdir", str(wd), "--dry-run", *SMALL]) == 0
   out = capsys.readouterr().out
   for line in ("experts       32 (8 configs x 4)", "waves         2 of 16 experts",
                "snapshots     K = 10, 20, 30, 40", "merge groups  24"):
@@ -151,48 +151,48 @@ def test_dry_run_of_the_full_protocol_on_cpu_says_which_data_is_missing(capsys, 
 
 BAD = [
     # learning rates
-    ("main_tiny", "--config.sweep.lr=0.1,-0.1", "sweep.lr"),
-    ("main_tiny", "--config.sweep.lr=0.0", "sweep.lr"),
-    ("main_tiny", "--config.sweep.lr=nan", "sweep.lr"),
-    ("main_tiny", "--config.sweep.lr=", "sweep.lr"),
+    ("main.py:tiny", "--config.sweep.lr=0.1,-0.1", "sweep.lr"),
+    ("main.py:tiny", "--config.sweep.lr=0.0", "sweep.lr"),
+    ("main.py:tiny", "--config.sweep.lr=nan", "sweep.lr"),
+    ("main.py:tiny", "--config.sweep.lr=", "sweep.lr"),
     # batch sizes
-    ("main_tiny", "--config.sweep.batch_size=1000", "b: batch size must be <= n_i"),
-    ("main_tiny", "--config.sweep.batch_size=0", "sweep.batch_size"),
-    ("main_tiny", "--config.sweep.batch_size=abc", "config.sweep.batch_size: cannot parse"),
+    ("main.py:tiny", "--config.sweep.batch_size=1000", "b: batch size must be <= n_i"),
+    ("main.py:tiny", "--config.sweep.batch_size=0", "sweep.batch_size"),
+    ("main.py:tiny", "--config.sweep.batch_size=abc", "config.sweep.batch_size: cannot parse"),
     # data ratios
-    ("main_tiny", "--config.sweep.data_ratio=0.0", "sweep.data_ratio"),
-    ("main_tiny", "--config.sweep.data_ratio=1.5", "sweep.data_ratio"),
-    ("main_tiny", "--config.sweep.data_ratio=-0.2", "sweep.data_ratio"),
+    ("main.py:tiny", "--config.sweep.data_ratio=0.0", "sweep.data_ratio"),
+    ("main.py:tiny", "--config.sweep.data_ratio=1.5", "sweep.data_ratio"),
+    ("main.py:tiny", "--config.sweep.data_ratio=-0.2", "sweep.data_ratio"),
     # milestones
-    ("main_tiny", "--config.sweep.milestones=20,10", "sweep.milestones"),
-    ("main_tiny", "--config.sweep.milestones=10,10", "sweep.milestones"),
-    ("main_tiny", "--config.sweep.milestones=0,10", "sweep.milestones"),
-    ("main_tiny", "--config.sweep.milestones=", "sweep.milestones"),
+    ("main.py:tiny", "--config.sweep.milestones=20,10", "sweep.milestones"),
+    ("main.py:tiny", "--config.sweep.milestones=10,10", "sweep.milestones"),
+    ("main.py:tiny", "--config.sweep.milestones=0,10", "sweep.milestones"),
+    ("main.py:tiny", "--config.sweep.milestones=", "sweep.milestones"),
     # groups
-    ("main_tiny", "--config.sweep.group_size=9", "sweep.group_size"),
-    ("main_tiny", "--config.sweep.group_size=0", "sweep.group_size"),
-    ("main_tiny", "--config.sweep.num_groups=0", "sweep.num_groups"),
-    ("stability_tiny", "--config.stability.group_sizes=2,7", "stability.group_sizes"),
+    ("main.py:tiny", "--config.sweep.group_size=9", "sweep.group_size"),
+    ("main.py:tiny", "--config.sweep.group_size=0", "sweep.group_size"),
+    ("main.py:tiny", "--config.sweep.num_groups=0", "sweep.num_groups"),
+    ("stability_hparams.py:tiny", "--config.stability.group_sizes=2,7", "stability.group_sizes"),
     # names
-    ("main_tiny", "--config.data.tasks=tiny0,mnist", "task: unknown task"),
-    ("main_tiny", "--config.model.name=vgg", "model.name"),
-    ("main_tiny", "--config.data.suite=imagenet", "data.suite"),
-    ("main_tiny", "--config.optim.name=lion", "optim.name"),
-    ("main_tiny", "--config.pretrain.optimizer=lion", "pretrain.optimizer"),
-    ("main_tiny", "--config.study=finetune", "study"),
-    ("stability_tiny", "--config.stability.merges=average,soup", "stability.merges"),
-    ("compare_merges_tiny", "--config.compare.merges=average,bogus", "compare.merges"),
-    ("stability_tiny", "--config.stability.figures=pie", "stability.figures"),
+    ("main.py:tiny", "--config.data.tasks=tiny0,mnist", "task: unknown task"),
+    ("main.py:tiny", "--config.model.name=vgg", "model.name"),
+    ("main.py:tiny", "--config.data.suite=imagenet", "data.suite"),
+    ("main.py:tiny", "--config.optim.name=lion", "optim.name"),
+    ("main.py:tiny", "--config.pretrain.optimizer=lion", "pretrain.optimizer"),
+    ("main.py:tiny", "--config.study=finetune", "study"),
+    ("stability_hparams.py:tiny", "--config.stability.merges=average,soup", "stability.merges"),
+    ("compare_merges.py:tiny", "--config.compare.merges=average,bogus", "compare.merges"),
+    ("stability_hparams.py:tiny", "--config.stability.figures=pie", "stability.figures"),
     # keys
-    ("main_tiny", "--config.sweep.bogus=1", "unknown config key"),
-    ("main_tiny", "--config.bogus.lr=1", "unknown config key"),
-    ("main_tiny", "--sweep.lr=0.1", "unknown argument"),
+    ("main.py:tiny", "--config.sweep.bogus=1", "unknown config key"),
+    ("main.py:tiny", "--config.bogus.lr=1", "unknown config key"),
+    ("main.py:tiny", "--sweep.lr=0.1", "unknown argument"),
     # seeds and budgets
-    ("main_tiny", "--config.sweep.seeds=", "sweep.seeds"),
-    ("main_tiny", "--config.train.checkpoint_every=-5", "train.checkpoint_every"),
-    ("main_tiny", "--config.train.max_wave=3", "train.max_wave"),
-    ("main_tiny", "--config.train.memory_gb=0.000001", "train.memory_gb"),
-    ("stability_tiny", "--config.stability.num_groups=0", "stability.num_groups"),
+    ("main.py:tiny", "--config.sweep.seeds=", "sweep.seeds"),
+    ("main.py:tiny", "--config.train.checkpoint_every=-5", "train.checkpoint_every"),
+    ("main.py:tiny", "--config.train.max_wave=3", "train.max_wave"),
+    ("main.py:tiny", "--config.train.memory_gb=0.000001", "train.memory_gb"),
+    ("stability_hparams.py:tiny", "--config.stability.num_groups=0", "stability.num_groups"),
 ]
 
 
@@ -200,7 +200,7 @@ BAD = [
 def test_bad_input_fails_before_compute_with_one_line(tmp_path, capsys, config, arg, msg):
   wd = tmp_path / "w"
   try:
-    code = runner.main([f"experiments/{config}.py", "--workdir", str(wd), arg])
+    code = runner.main([f"experiments/{config}", "--workdir", str(wd), arg])
   except SystemExit as e:  # argparse errors (unknown flags) exit 2 with usage + one error line
     code = e.code
   assert code == 2
@@ -213,12 +213,12 @@ def test_workdir_of_another_study_or_config_is_refused_before_compute(tmp_path, 
   wd = tmp_path / "w"
   wd.mkdir()
   results.write_config(str(wd), {"study": "compare", "seed": 0})
-  assert runner.main(["experiments/main_tiny.py", "--workdir", str(wd)]) == 2
+  assert runner.main(["experiments/main.py:tiny", "--workdir", str(wd)]) == 2
   assert "holds a 'compare' study" in capsys.readouterr().err
   from stability import config as config_lib
-  cfg = config_lib.to_dict(config_lib.load("experiments/main_tiny.py"))
+  cfg = config_lib.to_dict(config_lib.load("experiments/main.py:tiny"))
   results.write_config(str(wd), cfg)
-  assert runner.main(["experiments/main_tiny.py", "--workdir", str(wd),
+  assert runner.main(["experiments/main.py:tiny", "--workdir", str(wd),
                       "--config.sweep.lr=0.3"]) == 2
   assert "first difference: config.sweep.lr" in capsys.readouterr().err
   assert sorted(os.listdir(wd)) == ["config.json"]
@@ -227,6 +227,6 @@ def test_workdir_of_another_study_or_config_is_refused_before_compute(tmp_path, 
 def test_unwritable_workdir_is_refused_before_compute(tmp_path, capsys):
   blocker = tmp_path / "file"
   blocker.write_text("not a directory")
-  assert runner.main(["experiments/main_tiny.py", "--workdir", str(blocker / "w")]) == 2
+  assert runner.main(["experiments/main.py:tiny", "--workdir", str(blocker / "w")]) == 2
   err = capsys.readouterr().err.strip()
   assert err.startswith("error: workdir:") and "is not a directory" in err

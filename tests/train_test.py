@@ -10,10 +10,10 @@ import pytest
 from stability import experts as experts_lib
 from stability import models
 from stability import sharding
-from stability import tasks
+from stability import data
 from stability import train
 
-SUITE = tasks.get_suite("tiny", 0)
+SUITE = data.get_suite("tiny", 0)
 MODEL = models.get_model("mlp", SUITE.max_classes, widths=(16,))
 POOLS = train.Pools.from_arrays(SUITE.arrays())
 BACKBONE = MODEL.init_backbone(jax.random.key(0), SUITE.image_shape)

@@ -12,14 +12,14 @@ import scipy.stats
 
 from stability import evaluate
 from stability import experts as experts_lib
-from stability import merge as merge_lib
+from stability import merging
 from stability import models
 from stability import sharding
-from stability import tasks
+from stability import data as data_lib
 from stability import train
 from stability import twins
 
-SUITE = tasks.get_suite("tiny", 0)
+SUITE = data_lib.get_suite("tiny", 0)
 ARRAYS = SUITE.arrays()
 MODEL = models.get_model("mlp", SUITE.max_classes, widths=(16,))
 BACKBONE = MODEL.init_backbone(jax.random.key(0), SUITE.image_shape)
@@ -102,7 +102,12 @@ def test_control_twin_is_exactly_zero_when_sharded_and_perturbed_twins_move():
     # By K = 40 every perturbed twin has drawn its sample (>= 1 epoch for every expert).
     if K == 40:
       assert np.all(sq["full"][roles == "twin"] > 0) and np.all(ls["mean"][roles == "twin"] > 0)
-      np.testing.assert_allclose(sq["full"], sq["backbone"] + sq["head"], rtol=1e-12)
+      # 'full' is every parameter of the row against its origin's, recomputed in float64 from
+      # the raw leaves (rejects a missed leaf, the head left out, or the wrong origin row).
+      leaves = [np.asarray(a, np.float64).reshape(a.shape[0], -1)
+                for a in jax.tree.leaves(snap.params)]
+      ref = sum(((a - a[both.origin]) ** 2).sum(1) for a in leaves)
+      np.testing.assert_allclose(sq["full"], ref, rtol=1e-5, atol=1e-12)
 
 
 def first_draw(expert, j):
@@ -181,7 +186,7 @@ def closed_form_sq(expert, twin, pools_x, pools_y, theta0, eta, K_list):
 def test_estimator_equals_least_squares_closed_form_float64(b, ratio):
   with jax.enable_x64(True):
     model = models.get_model("linear", SUITE.max_classes, loss="squared")
-    n = tasks.subset_size(SUITE.tasks[2].n_train, ratio)
+    n = data_lib.subset_size(SUITE.tasks[2].n_train, ratio)
     spec = originals(task=(2,), eta=(0.05,), b=(b or n,), ratio=(ratio,), seed=(5,), K=60,
                      momentum=0.0, weight_decay=0.0)
     both = twins.make_twins(spec, ARRAYS, m=3, control=False)
@@ -225,7 +230,7 @@ def test_merged_twin_distances_equal_a_per_group_loop(trained_twins, name, hp):
                                   params["head"], GROUPS, both)
   roles = twins.roles(both)
   assert len(out["row"]) == GROUPS.size * 3  # 2 twins + 1 control per member
-  fn = merge_lib.get(name)
+  fn = merging.get(name)
   extra = lambda g: {"group_ids": np.array([g])} if name.startswith("dare") else {}
   for t, (g, p, r) in enumerate(zip(out["base"], out["pos"], out["row"])):
     orig = GROUPS[g]
@@ -238,7 +243,13 @@ def test_merged_twin_distances_equal_a_per_group_loop(trained_twins, name, hp):
     np.testing.assert_allclose(out["backbone"][t], ref, rtol=1e-4, atol=1e-12)
     if roles[r] == "control":
       assert out["backbone"][t] == 0.0 and out["full"][t] == 0.0
-  assert np.all(out["full"] >= out["backbone"])
+    # 'full' adds the distance of the replaced member's own head (task i's merged model is the
+    # merged backbone with head i): rejects no head, every member's head, or the wrong row's.
+    i = both.origin[r]
+    head = sum(float(np.sum((np.asarray(h, np.float64)[r] - np.asarray(h, np.float64)[i]) ** 2))
+               for h in jax.tree.leaves(params["head"]))
+    np.testing.assert_allclose(out["full"][t] - out["backbone"][t], head, rtol=1e-4,
+                               atol=1e-10)
 
 
 def test_simple_average_scales_member_stability_by_one_over_M_squared(trained_twins):
@@ -260,8 +271,8 @@ def test_dare_twins_share_their_original_groups_masks(trained_twins):
                                      both)
   ctrl = twins.roles(both)[shared["row"]] == "control"
   assert np.all(shared["backbone"][ctrl] == 0.0)
-  unshared = lambda x0, s, g, ids: merge_lib.dare(x0, s, g, key=jax.random.key(0), p=0.5,
-                                                  base="average")
+  unshared = lambda x0, s, g, ids: merging.dare(x0, s, g, key=jax.random.key(0), p=0.5,
+                                                base="average")
   fresh = twins.merged_sq_distances(unshared, BACKBONE, params["backbone"], params["head"],
                                     GROUPS, both)
   assert np.all(fresh["backbone"][ctrl] > 0)
