@@ -40,13 +40,13 @@ MakeWave = Callable[[np.ndarray], tuple[experts_lib.Experts, Callable]]
 
 
 def make_plan(cfg: ml_collections.ConfigDict, suite, num_configs: int, T: int,
-              layout: Layout) -> planner.Plan:
+              layout: Layout, b_max: int | None = None) -> planner.Plan:
   """The wave plan on this machine's devices; `layout(cfg, C, T)` is the study's (expert rows
-  per config, merge groups in all)."""
+  per config, merge groups in all); b_max defaults to the sweep's largest batch size."""
   per_config, groups = layout(cfg, num_configs, T)
   return planner.plan(common.model_of(cfg, suite), cfg.optim.name, suite.image_shape,
                       configs=num_configs, experts_per_config=per_config,
-                      b_max=int(max(cfg.sweep.batch_size)),
+                      b_max=int(b_max or max(cfg.sweep.batch_size)),
                       milestones=[int(k) for k in cfg.sweep.milestones], groups=groups,
                       memory_gb=cfg.train.memory_gb, max_wave=cfg.train.max_wave)
 
@@ -76,7 +76,8 @@ def _done(store: results_lib.Store | None, units: list[str]) -> np.ndarray:
 
 
 def sweep_waves(cfg: ml_collections.ConfigDict, workdir: str, suite, num_configs: int, T: int,
-                layout: Layout, make_wave: MakeWave) -> dict[str, Any] | None:
+                layout: Layout, make_wave: MakeWave, *, b_max: int | None = None
+                ) -> dict[str, Any] | None:
   """Trains the sweep wave by wave, storing each wave's rows at every milestone.
 
   `make_wave(config_ids)` returns the wave's expert specs and `rows_at(K, snapshot, ctx)`, whose
@@ -86,7 +87,7 @@ def sweep_waves(cfg: ml_collections.ConfigDict, workdir: str, suite, num_configs
   t_start = time.time()
   milestones = [int(k) for k in cfg.sweep.milestones]
   is_writer = jax.process_index() == 0
-  the_plan = make_plan(cfg, suite, num_configs, T, layout)
+  the_plan = make_plan(cfg, suite, num_configs, T, layout, b_max)
   waves = the_plan.waves
   first = make_wave(np.asarray(waves[0]))  # validates the study's settings before any output
   store = results_lib.Store(workdir) if is_writer else None
