@@ -405,3 +405,39 @@ def exponents_vs_predicted(summaries: Mapping[str, Mapping], path: str | None = 
               f"{target}: fitted against predicted" + ("" if ok.any() else " (no finite fit)"),
               ylabel="fitted exponent", legend=7, scale="symlog")
   return _finish(fig, path)
+
+
+def hetero_spread(df: pd.DataFrame, path: str | None = None):
+  """Heterogeneous merge groups (`studies.hetero`), first merge: left and middle, the merged
+  test loss and gap against the spread factor s of the spread groups, one line per axis (mean
+  +-1 s.e. over groups), with the mixed and homogeneous groups as horizontal references; right,
+  measured merged eps^2 against the non-convex prediction from the members' own
+  hyperparameters, one point per group (non-finite predictions left out, counted in the title)."""
+  hg = _kind(df, "hetero_group", "heterogeneous-group study")
+  hg = hg[hg["algorithm"] == sorted(hg["algorithm"].unique())[0]]
+  fig, axes = plt.subplots(1, 3, figsize=(14, 4))
+  spread = hg[hg["mode"] == "spread"]
+  for ax, col in zip(axes[:2], ("test_loss", "gap")):
+    for axis, sub in spread.groupby("axis"):
+      _errorbar(ax, _mean_se(sub, ["s"], col), "s", f"spread along {axis}")
+    for i, mode in enumerate(("homogeneous", "mixed")):
+      if (hg["mode"] == mode).any():
+        ax.axhline(hg[hg["mode"] == mode][col].mean(), color=f"C{6 + i}", ls="--", label=mode)
+    ax.set_xscale("log")
+    ax.set_xlabel("spread factor s (members at c/s, c, c*s)")
+    ax.set_ylabel(f"merged {col.replace('_', ' ')}")
+    ax.set_title(f"merged {col.replace('_', ' ')} against the spread", fontsize=10)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7)
+  ax = axes[2]
+  ok = np.isfinite(hg["pred_eps2_nonconvex"]) & (hg["merged_eps2"] > 0)
+  for mode, sub in hg[ok].groupby("mode"):
+    ax.scatter(sub["pred_eps2_nonconvex"], sub["merged_eps2"], s=12, alpha=0.7, label=mode)
+  if ok.any():
+    lim = [min(hg[ok]["merged_eps2"].min(), hg[ok]["pred_eps2_nonconvex"].min()),
+           max(hg[ok]["merged_eps2"].max(), hg[ok]["pred_eps2_nonconvex"].max())]
+    ax.plot(lim, lim, "k--", lw=1, label="y = x")
+  _log_axes(ax, "predicted merged eps^2 (non-convex bound)",
+            f"{int(ok.sum())} of {len(hg)} groups with a finite prediction",
+            ylabel="measured merged eps^2 (backbone)", legend=7)
+  return _finish(fig, path)

@@ -26,6 +26,7 @@ ENV = "MERGE_STABILITY_WORKDIR"
 TINY = {
     "main": ("main.py:tiny", ()),
     "stability": ("stability_hparams.py:tiny", ("--config.stability.constants=true",)),
+    "hetero": ("hetero.py:tiny", ()),
     "compare": ("compare_merges.py:tiny",
                 ("--config.compare.merges=average,task_arithmetic,ties,fisher,ensemble",)),
 }
@@ -37,6 +38,7 @@ TINY_OF = {
     "stability_members": "stability",
     "theory_compare": "stability",
     "compare_merges": "compare",
+    "hetero": "hetero",
 }
 
 

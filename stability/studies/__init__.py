@@ -12,6 +12,7 @@ Every study module implements the same small interface:
   main        experts on a grid, merged by averaging at every K        (studies/main.py)
   stability   coupled twins: expert and merged-model L2 stability      (studies/stability.py)
   compare     every merge algorithm on the same experts and groups     (studies/compare.py)
+  hetero      merge groups whose members' hyperparameters differ       (studies/hetero.py)
 
 Shared pieces: `common` (suite, grid, groups, base model, expert rows, shared checks), `driver`
 (waves, checkpoints, the store, progress) and `theory` (constants along the run and the
@@ -30,10 +31,12 @@ import ml_collections
 from stability import config as config_lib
 from stability import results as results_lib
 from stability.studies import compare
+from stability.studies import hetero
 from stability.studies import main
 from stability.studies import stability
 
-STUDIES: dict[str, ModuleType] = {"main": main, "stability": stability, "compare": compare}
+STUDIES: dict[str, ModuleType] = {"main": main, "stability": stability, "compare": compare,
+                                  "hetero": hetero}
 
 
 def get(name: str) -> ModuleType:
