@@ -267,3 +267,29 @@ def test_figures_save_to_png(tmp_path):
   plots.algorithms_vs_bound_terms(compare_frame(), str(path))
   assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
   assert not plt.get_fignums()  # saved figures are closed
+
+
+def test_hetero_spread_draws_means_over_groups_and_counts_finite_predictions():
+  """The spread lines are the per-s means of the spread groups of that axis (rejects pooling
+  the axes or the modes); the scatter drops non-finite predictions and says how many."""
+  rows = []
+  for axis in ("lr", "K"):
+    for s, base in ((1.0, 1.0), (3.0, 2.0)):
+      for g in range(3):
+        rows.append(dict(kind="hetero_group", algorithm="average", mode="spread", axis=axis, s=s,
+                         group=g, test_loss=base + g + (axis == "K"), gap=0.1 * base,
+                         merged_eps2=1e-3 * (g + 1), pred_eps2_nonconvex=1e-2 * (g + 1)))
+  for mode, loss in (("homogeneous", 5.0), ("mixed", 7.0)):
+    rows.append(dict(kind="hetero_group", algorithm="average", mode=mode, axis=None, s=1.0,
+                     group=0, test_loss=loss, gap=0.5, merged_eps2=1e-3,
+                     pred_eps2_nonconvex=np.inf))
+  fig = plots.hetero_spread(pd.DataFrame(rows))
+  ax = fig.axes[0]
+  x, y = _series(ax, "spread along lr")
+  np.testing.assert_allclose(x, [1, 3])
+  np.testing.assert_allclose(y, [2.0, 3.0])
+  _, y = _series(ax, "spread along K")
+  np.testing.assert_allclose(y, [3.0, 4.0])
+  _, y = _series(ax, "mixed")
+  np.testing.assert_allclose(y, [7.0, 7.0])
+  assert fig.axes[2].get_title() == "12 of 14 groups with a finite prediction"
