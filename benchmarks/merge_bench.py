@@ -29,6 +29,7 @@ Runtime: about 1-2 minutes.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import time
 
@@ -37,6 +38,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from stability import merging
+from stability.merging import sparse
+from stability.merging.base import finish, flatten_stack, map_rows
 from stability.models import get_model
 
 E, G, M = 1000, 1000, 6
@@ -60,6 +63,51 @@ def _loop_time(f, repeats: int) -> float:
     f()
     ts.append(time.perf_counter() - t)
   return float(np.median(ts))
+
+
+# ---------------------------------------------------------------------------------------------
+# TIES as it was before the selection and fused merge (issue #21), kept callable for the side by
+# side comparison and the bit-exactness tests: exact k-th largest by 32 counting passes of a
+# bisection on the float bits, trimmed task vectors materialised, [M, ...] slabs per group.
+
+def _kth_largest_bisect(a, n):
+  b = jax.lax.bitcast_convert_type(a, jnp.int32)
+
+  def halve(_, lohi):
+    lo, hi = lohi
+    mid = lo + (hi - lo + 1) // 2
+    ok = jnp.sum(b >= mid) >= n
+    return jnp.where(ok, mid, lo), jnp.where(ok, hi, mid - 1)
+
+  lo, _ = jax.lax.fori_loop(0, 32, halve, (jnp.int32(0), jnp.int32(0x7F800000)))
+  return jax.lax.bitcast_convert_type(lo, jnp.float32)
+
+
+def _trim_bisect(tau_leaves, k):
+  flat = jnp.concatenate([jnp.abs(t).reshape(-1) for t in tau_leaves])
+  n = sparse.n_keep(k, flat.shape[0])
+  if n >= flat.shape[0]:
+    return list(tau_leaves)
+  thr = _kth_largest_bisect(flat, n)
+  return [jnp.where(jnp.abs(t) >= thr, t, 0.0) for t in tau_leaves]
+
+
+@functools.partial(jax.jit, static_argnames=("k", "chunk_size"))
+def _ties_counting(x0, stack, uniq_U, inv_GxM, lam, k, chunk_size):
+  leaves0, leaves_s, treedef = flatten_stack(x0, stack)
+  trim_one = lambda u: _trim_bisect([s[u].astype(jnp.float32) - a0.astype(jnp.float32)
+                                     for a0, s in zip(leaves0, leaves_s)], k)
+  trimmed = map_rows(trim_one, (uniq_U,), min(16, chunk_size or 16))
+  return map_rows(lambda idx_M: finish(leaves0, leaves_s, treedef, sparse.ties_merge(
+      [t[idx_M] for t in trimmed]), lam), (inv_GxM,), chunk_size)
+
+
+def ties_counting(x0, stack, groups, *, k=0.2, lam=1.0, chunk_size=merging.CHUNK):
+  """The previous `merging.ties` (same contract, same results bit for bit)."""
+  uniq, inv = np.unique(np.asarray(groups), return_inverse=True)
+  return _ties_counting(x0, stack, jnp.asarray(uniq, jnp.int32),
+                        jnp.asarray(inv.reshape(np.shape(groups)), jnp.int32),
+                        jnp.float32(lam), k, chunk_size)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -232,7 +280,12 @@ def main() -> None:
   ap.add_argument("--repeats", type=int, default=5, help="timed repeats of each jitted merge")
   ap.add_argument("--loop-repeats", type=int, default=3, help="timed repeats of each loop")
   ap.add_argument("--levers", action="store_true", help="also time chunk sizes and variants")
+  ap.add_argument("--search", action="store_true",
+                  help="only the coefficient-search costs against AdaMerging (tiny setup)")
   args = ap.parse_args()
+  if args.search:
+    search_costs()
+    return
 
   model = get_model("mlp", 10)
   x0 = model.init_backbone(jax.random.key(0), (14, 14, 1))
@@ -249,6 +302,10 @@ def main() -> None:
   host = [np.asarray(a) for a in jax.tree.leaves(stack)]
   sds = [dict(zip(names, (a[e] for a in host))) for e in range(E)]
 
+  # TIES's exact selection (select.kth_largest) == the previous 32-pass bisection, bit for bit.
+  for a, b in zip(jax.tree.leaves(merging.ties(x0, stack, groups[:64], k=K_TIES)),
+                  jax.tree.leaves(ties_counting(x0, stack, groups[:64], k=K_TIES))):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   # Same semantics before timing: ours == the loops on a few groups.
   few = groups[:3]
   for ours, ref in ((merging.average(x0, stack, few), loop_average(sds, few)),
@@ -275,6 +332,8 @@ def main() -> None:
        lambda: loop_task_arithmetic(sd0, sds, groups, LAM_TA)),
       ("ties (k=0.2)", lambda: merging.ties(x0, stack, groups, k=K_TIES),
        lambda: loop_ties(sd0, sds, groups, K_TIES, 1.0)),
+      ("ties old counting", lambda: ties_counting(x0, stack, groups, k=K_TIES),
+       lambda: loop_ties(sd0, sds, groups, K_TIES, 1.0)),
       ("dare+TA (p=0.5)", lambda: merging.dare(x0, stack, groups, key=key, p=P_DARE),
        lambda: loop_dare(sd0, sds, groups, P_DARE, LAM_TA, np.random.default_rng(0))),
   ]
@@ -289,7 +348,7 @@ def main() -> None:
   for name, ours, loop in cases:
     t_ours = _median_time(ours, args.repeats)
     t_loop = _loop_time(loop, args.loop_repeats)
-    if torch_cases:
+    if torch_cases and name in torch_cases:
       t_torch = _loop_time(torch_cases[name], args.loop_repeats)
       torch_cols = f"{t_torch * 1e3:10.1f}{t_torch / t_ours:8.1f}x"
     else:
@@ -317,6 +376,57 @@ def main() -> None:
     w = jnp.full((G, M), 1.0 / M, jnp.float32)
     t = _median_time(lambda: gather_tensordot(stack, jnp.asarray(groups), w), args.repeats)
     print(f"  gather+tensordot  {t * 1e3:8.1f} ms {bytes_moved / t / 1e9:6.1f} GB/s")
+
+
+def search_costs() -> None:
+  """Coefficient search vs AdaMerging on a tiny setup: 8 experts (pretrained MLP + noise, own
+  heads), 4 groups of M = 4, 64 labelled held-out rows per expert. Each search minimises the
+  members' mean held-out cross-entropy of x0 + sum_m lam_m tau_m (`search.task_losses`);
+  AdaMerging (task-wise, 200 steps) minimises entropy on the same inputs, unlabelled. Columns:
+  wall seconds (compile included: each runs once, as a study would) and the held-out objective
+  at the chosen lam, mean over groups; lam mean and the merged twin-distance factor sum lam^2 / M
+  (the stability term of task arithmetic scales as lam^2)."""
+  from stability.merging import search
+  Eh, Gh, Mh, N, C = 8, 4, 4, 64, 5
+  model = get_model("mlp", C, widths=(32,))
+  k0, k1, k2 = jax.random.split(jax.random.key(0), 3)
+  xb0 = model.init_backbone(k0, (8, 8, 1))
+  rng = np.random.default_rng(0)
+  stack = jax.tree.map(lambda a: jnp.asarray(a[None] + 0.2 * rng.standard_normal(
+      (Eh,) + a.shape, np.float32)), xb0)
+  heads = jax.vmap(lambda k: model.init_head(k, xb0, (8, 8, 1)))(jax.random.split(k1, Eh))
+  xs = rng.uniform(0, 1, (Eh, N, 8, 8, 1)).astype(np.float32)
+  # Labels from each expert's own model (so the task is learnable by the expert).
+  ys = np.stack([np.asarray(jnp.argmax(model.apply({"backbone": jax.tree.map(
+      lambda a: a[e], stack), "head": jax.tree.map(lambda a: a[e], heads)}, xs[e]), -1))
+      for e in range(Eh)]).astype(np.int32)
+  nc = np.full(Eh, C, np.int32)
+  groups = np.array([[0, 1, 2, 3], [4, 5, 6, 7], [0, 2, 4, 6], [1, 3, 5, 7]], np.int32)
+  f = search.task_losses(xb0, stack, groups, model=model, heads=heads, x=xs, y=ys,
+                         num_classes=nc)
+  rows = []
+
+  def run(name, thunk):
+    t = time.perf_counter()
+    lam = np.asarray(jax.block_until_ready(thunk()))
+    dt = time.perf_counter() - t
+    obj = float(np.mean(np.asarray(f(jnp.asarray(lam)))))
+    rows.append((name, dt, obj, float(lam.mean()), float(np.mean(np.sum(lam**2, 1) / Mh))))
+
+  grid1 = jnp.linspace(0, 1, 21)[:, None] * jnp.ones((1, Mh))
+  run("task arithmetic 0.3", lambda: jnp.full((Gh, Mh), 0.3))
+  run("grid (shared lam, 21)", lambda: search.grid_search(f, grid1, Gh)[0])
+  run("random (256 draws)", lambda: search.random_search(f, k2, 256, (Mh,), Gh)[0])
+  run("OpenAI-ES (50 x 8)", lambda: search.es_search(f, k2, jnp.full((Gh, Mh), 0.3),
+                                                     steps=50, hi=1.0)[0])
+  run("MAP (64 samples, w=1/T)", lambda: search.map_pareto(
+      f, k2, 64, Mh, Gh, np.full((1, Mh), 1.0 / Mh))[0][0])
+  run("AdaMerging task (200)", lambda: merging.adamerging_coefficients(
+      xb0, stack, groups, model=model, heads=heads, x=xs, num_classes=nc, key=k2, steps=200,
+      lr=1e-2))
+  print(f"{'search':<26}{'wall s':>8}{'held-out CE':>13}{'mean lam':>10}{'sum lam^2/M':>13}")
+  for name, dt, obj, lm, l2 in rows:
+    print(f"{name:<26}{dt:8.2f}{obj:13.4f}{lm:10.3f}{l2:13.3f}")
 
 
 if __name__ == "__main__":

@@ -23,10 +23,20 @@ naming the field.
 API (every merge: `f(x0, stack, groups, ..., chunk_size=, tasks=)` -> backbone stack [G, ...]),
 by module:
   linear        average, weighted_average, uniform_soup, task_arithmetic
-  sparse        ties, dare (base = average | task_arithmetic | ties)
-  data_aware    fisher (+ diag_fisher), regmean (+ gram_matrices, solve)   statistics-weighted
+  sparse        ties (exact top-k by `select.kth_largest`), dare (base = average |
+                task_arithmetic | ties)
+  data_aware    fisher (+ diag_fisher), regmean (+ gram_matrices, solve),    statistics-weighted
+                regmean_plusplus (Grams under the merged model; needs model and samples)
   learned       adamerging (+ adamerging_coefficients), greedy_soup        need a `Model`
   geometric     slerp (M = 2), model_stock
+  linear (+)    metrics_weighted (softmax of -training loss; needs losses [E])
+  spectral      tsv_m (task singular vectors), iso_c, iso_cts (isotropic)       per 2-D layer
+  magnitude     breadcrumbs (trim both tails per layer), magmax (max |tau| per parameter),
+                della (magnitude-ranked drops + TIES fuse), emr (per-member backbones
+                [G, M, ...])
+  trajectory    snapshot_average (tail), snapshot_ema: ONE expert's K snapshots [K, ...]
+  select        kth_largest: exact k-th largest without sorting (TIES's threshold)
+  search        coefficient search (grid, random, ES, MAP quadratic Pareto front)
   ensemble      ensemble: the non-merged reference, logits [G, M, N, C], not parameters
   diagnostics   diagnostics: task-vector norms, cosines, sign conflicts, TIES/DARE sparsity
   batch_stats   merge_batch_stats: BatchNorm statistics of merged backbones (BATCH_STATS_MODES:
@@ -60,16 +70,21 @@ same minibatches).
 """
 from stability.merging.base import CHUNK
 from stability.merging.batch_stats import BATCH_STATS_MODES, merge_batch_stats
-from stability.merging.data_aware import diag_fisher, fisher, gram_matrices, regmean, solve
+from stability.merging.data_aware import (diag_fisher, fisher, gram_matrices, regmean,
+                                          regmean_plusplus, solve)
 from stability.merging.diagnostics import diagnostics
 from stability.merging.ensemble import ensemble
 from stability.merging.geometric import model_stock, slerp
 from stability.merging.learned import adamerging, adamerging_coefficients, greedy_soup
-from stability.merging.linear import average, task_arithmetic, uniform_soup, weighted_average
+from stability.merging.linear import (average, metrics_weighted, task_arithmetic, uniform_soup,
+                                      weighted_average)
+from stability.merging.magnitude import breadcrumbs, della, emr, magmax
 from stability.merging.registry import (ALGORITHMS, ENSEMBLE, Algorithm, algorithm,
                                         compare_names, data_merges, get, merge, names,
                                         stack_only)
 from stability.merging.sparse import dare, ties
+from stability.merging.spectral import iso_c, iso_cts, tsv_m
+from stability.merging.trajectory import snapshot_average, snapshot_ema
 
 
 
@@ -82,9 +97,11 @@ def __getattr__(name: str):
 
 
 __all__ = [
-    "ALGORITHMS", "BATCH_STATS_MODES", "CHUNK", "ENSEMBLE", "Algorithm", "adamerging",
-    "adamerging_coefficients", "algorithm", "average", "compare_names", "dare", "data_merges",
-    "diag_fisher", "diagnostics", "ensemble", "fisher", "get", "gram_matrices", "greedy_soup",
-    "merge", "merge_batch_stats", "model_stock", "names", "regmean", "slerp", "solve",
-    "stack_only", "task_arithmetic", "ties", "uniform_soup", "weighted_average",
+    "ALGORITHMS", "Algorithm", "BATCH_STATS_MODES", "CHUNK", "ENSEMBLE", "adamerging",
+    "adamerging_coefficients", "algorithm", "average", "breadcrumbs", "compare_names", "dare",
+    "data_merges", "della", "diag_fisher", "diagnostics", "emr", "ensemble", "fisher", "get",
+    "gram_matrices", "greedy_soup", "iso_c", "iso_cts", "magmax", "merge", "merge_batch_stats",
+    "metrics_weighted", "model_stock", "names", "regmean", "regmean_plusplus", "slerp",
+    "snapshot_average", "snapshot_ema", "solve", "stack_only", "task_arithmetic", "ties", "tsv_m",
+    "uniform_soup", "weighted_average",
 ]

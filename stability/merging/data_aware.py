@@ -1,6 +1,7 @@
 """Statistics-weighted merges: Fisher merging (+ `diag_fisher`, the per-expert diagonal
-Fisher) and RegMean (+ `gram_matrices`, the per-expert Gram matrices of every Dense layer's
-inputs, and `solve`, the pivoted Gauss-Jordan solve it uses).
+Fisher), RegMean (+ `gram_matrices`, the per-expert Gram matrices of every Dense layer's
+inputs, and `solve`, the pivoted Gauss-Jordan solve it uses) and RegMean++ (the Grams taken
+under the merged model's own earlier layers: it needs the model and each expert's samples).
 
 Both take per-expert statistics stacked like the experts (leaves [E, ...]), computed once per
 expert on its own labelled data (`jax.vmap` / `stability.merging.inputs.per_row` over experts);
@@ -130,10 +131,15 @@ def gram_matrices(model: Any, backbone: Params, x: Array, mask: Array | None = N
   return out
 
 
+def _leaf_paths(tree: Params) -> list[tuple]:
+  """Each leaf's key path as a tuple of names, in tree order."""
+  return [tuple(getattr(k, "key", getattr(k, "idx", k)) for k in p)
+          for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
+
+
 def _regmean_layout(x0: Params, grams: Params, E: int) -> dict[int, int]:
   """Maps kernel leaf index (in x0's flattening) -> gram leaf index; validates shapes."""
-  x_paths = [tuple(getattr(k, "key", getattr(k, "idx", k)) for k in p)
-             for p, _ in jax.tree_util.tree_flatten_with_path(x0)[0]]
+  x_paths = _leaf_paths(x0)
   x_shapes = [np.shape(a) for a in jax.tree.leaves(x0)]
   layout = {}
   for j, (path, G) in enumerate(jax.tree_util.tree_flatten_with_path(grams)[0]):
@@ -181,6 +187,19 @@ def solve(A: Array, B: Array) -> Array:
   return M[:, d:] / jnp.diagonal(M[:, :d])[:, None]
 
 
+def regmean_layer(G: Array, X: Array, w_M: Array, avg: Array, alpha, ridge) -> Array:
+  """RegMean's solve for one Dense kernel: Grams G [M, in, in], kernels X [M, in, out]."""
+  d = G.shape[-1]
+  eye = jnp.eye(d, dtype=jnp.float32)
+  Gt = G * (alpha + (1.0 - alpha) * eye)[None]                     # off-diagonals * alpha
+  A = jnp.sum(bcast(w_M, Gt) * Gt, axis=0)
+  B = jnp.einsum("m,mij,mjo->io", w_M, Gt, X)
+  # Ridge toward the average: rows of A that are all zero (inputs dead for every member) would
+  # make A singular; there W* falls back to the average. ridge = 0 is RegMean.
+  r = ridge * jnp.trace(A) / d + jnp.finfo(jnp.float32).tiny
+  return solve(A + r * eye, B + r * avg)
+
+
 @functools.partial(jax.jit, static_argnames=("layout", "chunk_size"))
 def _regmean(x0, stack, grams, groups, w_GxM, alpha, ridge, layout, chunk_size):
   leaves0, leaves_s, treedef = flatten_stack(x0, stack)
@@ -196,16 +215,7 @@ def _regmean(x0, stack, grams, groups, w_GxM, alpha, ridge, layout, chunk_size):
         out.append(avg.astype(s.dtype))
         continue
       G = leaves_g[layout[i]][idx_M].astype(jnp.float32)           # [M, in, in]
-      d = G.shape[-1]
-      eye = jnp.eye(d, dtype=jnp.float32)
-      Gt = G * (alpha + (1.0 - alpha) * eye)[None]                 # off-diagonals * alpha
-      A = jnp.sum(bcast(w_M, Gt) * Gt, axis=0)
-      B = jnp.einsum("m,mij,mjo->io", w_M, Gt, X)
-      # Ridge toward the average: rows of A that are all zero (inputs dead for every member)
-      # would make A singular; there W* falls back to the average. ridge = 0 is RegMean.
-      r = ridge * jnp.trace(A) / d + jnp.finfo(jnp.float32).tiny
-      W = solve(A + r * eye, B + r * avg)
-      out.append(W.astype(s.dtype))
+      out.append(regmean_layer(G, X, w_M, avg, alpha, ridge).astype(s.dtype))
     return treedef.unflatten(out)
 
   return map_rows(one, (groups, w_GxM), chunk_size)
@@ -234,3 +244,78 @@ def regmean(x0: Params, stack: Params, groups: Any, weights: Any = None, *, gram
   return _regmean(x0, stack, grams, jnp.asarray(g), jnp.asarray(w), jnp.float32(alpha),
                   jnp.float32(ridge), tuple(sorted(layout.items())), chunk_size)
 
+
+# ---------------------------------------------------------------------------------------------
+# RegMean++: the Grams of each layer's inputs under the merged model's own earlier layers.
+
+def dense_order(model: Any, x0: Params, x_shape: tuple) -> tuple[tuple[int, tuple], ...]:
+  """(leaf index in x0's flattening, module path) of each Dense kernel, in the order the forward
+  pass calls them (so layer l's inputs depend only on the layers before it)."""
+  paths: list = []
+
+  def interceptor(next_fun, args, kwargs, context):
+    if isinstance(context.module, nn.Dense) and context.method_name == "__call__":
+      paths.append(tuple(context.module.path))
+    return next_fun(*args, **kwargs)
+
+  with nn.intercept_methods(interceptor):
+    jax.eval_shape(lambda b: model.features(b, jnp.zeros((1,) + tuple(x_shape))), x0)
+  x_paths = _leaf_paths(x0)
+  return tuple((x_paths.index(p + ("kernel",)), p) for p in dict.fromkeys(paths)
+               if p + ("kernel",) in x_paths)
+
+
+def _gram_of(model, backbone, x, mask, path):
+  g = gram_matrices(model, backbone, x, mask)
+  for p in path:
+    g = g[p]
+  return g
+
+
+@functools.partial(jax.jit, static_argnames=("model", "order", "paths", "chunk_size"))
+def _regmean_pp(x0, stack, groups, w_GxM, x, mask, alpha, ridge, model, order, paths,
+                chunk_size):
+  leaves0, leaves_s, treedef = flatten_stack(x0, stack)
+
+  def one(idx_M, w_M):
+    members = [s[idx_M].astype(jnp.float32) for s in leaves_s]
+    merged = [jnp.sum(bcast(w_M, X) * X, axis=0) for X in members]  # the average to start
+    for i, path in zip(order, paths):
+      bb = treedef.unflatten(merged)
+      G = jax.vmap(lambda xm, mm: _gram_of(model, bb, xm, mm, path))(x[idx_M], mask[idx_M])
+      merged[i] = regmean_layer(G, members[i], w_M, merged[i], alpha, ridge)
+    return treedef.unflatten([m.astype(s.dtype) for m, s in zip(merged, leaves_s)])
+
+  return map_rows(one, (groups, w_GxM), chunk_size)
+
+
+def regmean_plusplus(x0: Params, stack: Params, groups: Any, weights: Any = None, *,
+                     model: Any, x: Any, mask: Any = None, alpha: float = 0.6,
+                     ridge: float = 1e-6, chunk_size: int | None = CHUNK,
+                     tasks: Any = None) -> Params:
+  """RegMean++ (Nguyen et al., 2025): RegMean with each layer's Grams taken from the MERGED
+  model. The Dense kernels are merged in forward order; layer l's Gram for member m is
+  computed on m's own samples x[m] (mask[m]) passed through the merged layers before l (the
+  later ones do not affect l's inputs), then the RegMean solve (`regmean_layer`, same alpha and
+  ridge). Other leaves: the (weighted) average, which is also the starting point.
+  x [E, N, ...] are each expert's own training inputs (the samples RegMean's Grams use).
+  """
+  E, g, chunk_size = prepare(x0, stack, groups, tasks, chunk_size)
+  x0, stack = on_one_device(x0), on_one_device(stack)
+  x = jnp.asarray(x)
+  if x.ndim < 3 or x.shape[0] != E:
+    raise ValueError(f"regmean_plusplus: x must be per-expert inputs [E={E}, N, ...], got "
+                     f"shape {x.shape}")
+  m = np.ones(x.shape[:2], np.float32) if mask is None else np.asarray(mask, np.float32)
+  if m.shape != x.shape[:2] or np.any(m.sum(1) <= 0):
+    raise ValueError(f"regmean_plusplus: mask must be [E, N]={x.shape[:2]} with a real sample "
+                     f"per expert, got shape {m.shape}")
+  alpha = check_scalar("regmean_plusplus: alpha", alpha, 0.0, 1.0)
+  ridge = check_scalar("regmean_plusplus: ridge", ridge, 0.0, math.inf, what=" (finite)")
+  w = check_weights(weights, g.shape, average=True)
+  layers = dense_order(model, x0, x.shape[2:])
+  if not layers:
+    raise ValueError("regmean_plusplus: the backbone has no Dense layer")
+  order, paths = tuple(i for i, _ in layers), tuple(p for _, p in layers)
+  return _regmean_pp(x0, stack, jnp.asarray(g), jnp.asarray(w), x, jnp.asarray(m),
+                     jnp.float32(alpha), jnp.float32(ridge), model, order, paths, chunk_size)

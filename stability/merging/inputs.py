@@ -10,7 +10,11 @@ when a requested merge needs it:
   grams       `data_aware.gram_matrices` per row on the same samples
   unlabelled  the task's test inputs (data.x_test, data.mask_test) with each row's head
   heldout     the task's ghost pool (data.x_val, data.y_val, data.mask_val) with each row's head
+  samples     the model and each row's own labelled samples' inputs (data.x, data.mask): the
+              Gram samples of RegMean++, which takes them under the merged model
   weights     not built: pass it per merge in `hparams`
+  losses      not built (each row's training loss, which the study holds): pass it per merge
+              in `hparams`, e.g. {'metrics_weighted': {'losses': losses_E}}
 
 `ensemble_metrics` scores the logit ensemble (the compare study's non-merged reference).
 This module imports `stability.twins`, which imports `stability.merging`: so the package
@@ -82,6 +86,9 @@ def per_row(fn, model, *xs):
   return jax.lax.map(lambda r: fn(model, *r), xs, batch_size=8)
 
 
+BUILT = ("key", "fishers", "grams", "unlabelled", "heldout", "samples")  # built here
+
+
 def _build(need: str, *, key, model, params, nc, data: MergeData | None) -> dict[str, Any]:
   """Keyword arguments that supply input `need` (see the module docstring); nc [E] the rows'
   num_classes."""
@@ -95,6 +102,8 @@ def _build(need: str, *, key, model, params, nc, data: MergeData | None) -> dict
   if need == "unlabelled":
     return dict(model=model, heads=params["head"], x=data.x_test, num_classes=nc,
                 mask=data.mask_test)
+  if need == "samples":
+    return dict(model=model, x=data.x, mask=data.mask)
   if need == "heldout":
     return dict(model=model, heads=params["head"], x=data.x_val, y=data.y_val, num_classes=nc,
                 mask=data.mask_val)
@@ -122,13 +131,13 @@ def merge_fns(names: Iterable[str], *, key: Any = None, model: Any = None, param
   if "key" in needs and key is None:
     raise ValueError(f"key: {', '.join(n for n in names if registry.ALGORITHMS[n].random)} "
                      "draw random numbers; pass a jax.random key")
-  data_needs = [nd for nd in registry.DATA_INPUTS if nd in needs]
+  data_needs = [nd for nd in BUILT[1:] if nd in needs]
   if data_needs and (model is None or params is None or spec is None or data is None):
     raise ValueError(f"data: the merges need {', '.join(data_needs)}; pass model, params, spec "
                      "and data (MergeData)")
   nc = None if spec is None else spec.num_classes
   built = {nd: _build(nd, key=key, model=model, params=params, nc=nc, data=data)
-           for nd in ("key",) + registry.DATA_INPUTS if nd in needs}
+           for nd in BUILT if nd in needs}
   out = {}
   for n in names:
     kw = {k: v for nd in registry.ALGORITHMS[n].needs if nd in built

@@ -66,3 +66,31 @@ def task_arithmetic(x0: Params, stack: Params, groups: Any, weights: Any = None,
   c = lam * w
   return run_linear(x0, stack, g, c, 1.0 - c.sum(1), chunk_size)
 
+
+
+def metrics_weights(losses: Any, g: np.ndarray, temperature: float) -> np.ndarray:
+  """Member weights [G, M] = softmax over each group of -loss / temperature (host side)."""
+  z = -np.asarray(losses, np.float64)[g] / temperature
+  z = np.exp(z - z.max(1, keepdims=True))
+  return (z / z.sum(1, keepdims=True)).astype(np.float32)
+
+
+def metrics_weighted(x0: Params, stack: Params, groups: Any, *, losses: Any,
+                     temperature: float = 1.0, chunk_size: int | None = None,
+                     tasks: Any = None) -> Params:
+  """Metrics-weighted averaging: x = sum_m w_m x_m with w = softmax_m(-loss_m / temperature)
+  per group, loss_m each expert's training loss (`losses` [E], finite). temperature -> inf is
+  the plain average; -> 0 picks the member of lowest loss. The weights come from the members'
+  own training data, so it is data-dependent (not covered by the linear-merge theorem as a
+  fixed-coefficient merge: replacing a training sample moves the weights too).
+  """
+  E, g, chunk_size = prepare(x0, stack, groups, tasks, chunk_size)
+  x0, stack = on_one_device(x0), on_one_device(stack)
+  lo = np.asarray(losses, np.float64)
+  if lo.shape != (E,) or not np.all(np.isfinite(lo)):
+    raise ValueError(f"metrics_weighted: losses must be finite, shape [E]=({E},), got shape "
+                     f"{lo.shape}")
+  temperature = check_scalar("metrics_weighted: temperature", temperature, 0.0, math.inf,
+                             lo_open=True, what=" (finite)")
+  return run_linear(x0, stack, g, metrics_weights(lo, g, temperature),
+                    np.zeros(g.shape[0], np.float32), chunk_size)

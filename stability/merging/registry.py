@@ -4,17 +4,22 @@ Every entry's `fn` is `fn(x0, stack, groups, **inputs, **hparams)` -> merged bac
 [G, ...]. Fields (all fixed per entry, so they hold for every hyperparameter value):
 
   family          the module that implements it: linear | sparse | data_aware | learned |
-                  geometric
+                  geometric | spectral | magnitude
   linear          x = x0 + sum_m c_m (k_m * tau_m) with coefficients c and keep masks k (all
                   ones unless masked) fixed before seeing the task vectors: average,
                   weighted_average, uniform_soup, task_arithmetic, and DARE on a linear base
                   (its random masks are drawn from the key alone). Not TIES (its mask and signs
                   depend on the task vectors), nor any merge whose coefficients are computed
                   from the members (Fisher, RegMean, AdaMerging, greedy soup, SLERP, Model
-                  Stock), nor the generic `dare` (its base may be 'ties').
+                  Stock), nor the generic `dare` (its base may be 'ties'), nor any of #21's
+                  (SVD truncation, masks from the task vectors, data-derived weights; see
+                  docs/merging.md for where the linear stability theory reaches).
   data_dependent  needs per-expert data beyond the stack (statistics or forward passes)
-  masked          zeroes entries of the task vectors before combining them: TIES (by
-                  magnitude), DARE (at random)
+  masked          zeroes or selects entries of the task vectors before combining them: TIES,
+                  Breadcrumbs, MagMax (by magnitude), DARE (at random)
+  mask_from_data  the mask is computed from per-expert data (activations, losses), not from
+                  the key or the task vectors alone; False for every merge registered so far
+                  (docs/merging.md: which merges the linear stability theorem covers)
   random          draws from `key` and takes `group_ids` (RNG ids of the groups), so a stability
                   twin group shares its original group's draws (`twins.merge_fn`); exactly the
                   entries that need "key"
@@ -36,11 +41,14 @@ import functools
 from typing import Any, Callable
 
 from stability.merging.base import Params
-from stability.merging.data_aware import fisher, regmean
+from stability.merging.data_aware import fisher, regmean, regmean_plusplus
 from stability.merging.geometric import model_stock, slerp
 from stability.merging.learned import adamerging, greedy_soup
-from stability.merging.linear import average, task_arithmetic, uniform_soup, weighted_average
+from stability.merging.magnitude import breadcrumbs, della, emr, magmax
+from stability.merging.linear import (average, metrics_weighted, task_arithmetic, uniform_soup,
+                                      weighted_average)
 from stability.merging.sparse import dare, ties
+from stability.merging.spectral import iso_c, iso_cts, tsv_m
 
 INPUTS = {
     "key": "a jax.random key (key=)",
@@ -49,8 +57,10 @@ INPUTS = {
     "unlabelled": "model, heads, x, num_classes, mask: unlabelled inputs per expert row",
     "heldout": "model, heads, x, y, num_classes, mask: labelled held-out data per expert row",
     "weights": "member weights [G, M] chosen per call (weights=)",
+    "losses": "each expert row's training loss [E] (losses=)",
+    "samples": "model, x, mask: each expert row's own training inputs (RegMean++'s Gram samples)",
 }
-DATA_INPUTS = ("fishers", "grams", "unlabelled", "heldout")
+DATA_INPUTS = ("fishers", "grams", "unlabelled", "heldout", "losses", "samples")
 
 ENSEMBLE = "ensemble"
 
@@ -65,6 +75,7 @@ class Algorithm:
   data_dependent: bool = False
   masked: bool = False
   random: bool = False
+  mask_from_data: bool = False
   needs: tuple[str, ...] = ()
   excluded: str | None = None
 
@@ -104,6 +115,22 @@ ALGORITHMS: dict[str, Algorithm] = {a.name: a for a in (
     Algorithm("slerp", slerp, "geometric",
               excluded="merges pairs only (M = 2), while the studies' group sizes vary"),
     Algorithm("model_stock", model_stock, "geometric"),
+    # Issue #21 (appended: the names above keep their order in the study lists).
+    Algorithm("tsv_m", tsv_m, "spectral"),
+    Algorithm("iso_c", iso_c, "spectral"),
+    Algorithm("breadcrumbs", breadcrumbs, "magnitude", masked=True),
+    Algorithm("magmax", magmax, "magnitude", masked=True),
+    Algorithm("iso_cts", iso_cts, "spectral"),
+    Algorithm("della", della, "magnitude", masked=True, random=True, needs=("key",)),
+    Algorithm("emr", emr, "magnitude", masked=True,
+              excluded="returns per-member backbones [G, M, ...] (one model per task), not one "
+                       "merged backbone per group"),
+    Algorithm("metrics_weighted", metrics_weighted, "linear", data_dependent=True,
+              needs=("losses",),
+              excluded="needs each expert's training loss (losses=), which the studies do not "
+                       "pass to merges yet"),
+    Algorithm("regmean_plusplus", regmean_plusplus, "data_aware", data_dependent=True,
+              needs=("samples",)),
 )}
 
 
@@ -141,13 +168,14 @@ def names(**filters) -> tuple[str, ...]:
 def stack_only() -> tuple[str, ...]:
   """The merges the studies run that need nothing beyond the stack and a key: ('average',
   'task_arithmetic', 'ties', 'dare_average', 'dare_task_arithmetic', 'dare_ties',
-  'uniform_soup', 'model_stock')."""
+  'uniform_soup', 'model_stock', 'tsv_m', 'iso_c', 'breadcrumbs', 'magmax', 'iso_cts',
+  'della')."""
   return tuple(n for n in names(excluded=None) if set(ALGORITHMS[n].needs) <= {"key"})
 
 
 def data_merges() -> tuple[str, ...]:
   """The merges the studies run that need per-expert data: ('fisher', 'regmean',
-  'adamerging_task', 'adamerging_layer', 'greedy_soup')."""
+  'adamerging_task', 'adamerging_layer', 'greedy_soup', 'regmean_plusplus')."""
   return names(excluded=None, data_dependent=True)
 
 

@@ -21,44 +21,27 @@ import numpy as np
 from stability.merging.base import (CHUNK, Array, Params, check_group_ids, check_key,
                                     check_scalar, check_weights, finish, flatten_stack,
                                     map_rows, prepare, task_vectors)
+from stability.merging.select import kth_largest
 from stability.sharding import on_one_device
 
 
-def _n_keep(k: float, D: int) -> int:
+def n_keep(k: float, D: int) -> int:
   """ceil(k * D), robust to float error (k = 0.2, D = 100 keeps 20), at least 1."""
   return int(min(D, max(1, math.ceil(round(k * D, 6)))))
-
-
-def _kth_largest(a: Array, n: int) -> Array:
-  """The n-th largest entry of a flat array a >= 0, exactly, by bisection on its float bits.
-
-  Non-negative floats order like their int32 bit patterns, so 32 halvings of [0, +inf] find
-  the largest t with #{a >= t} >= n. Each step is one vectorised count: much faster on CPU
-  than `lax.top_k` or a sort (8 s vs 0.7 s for 1000 x 42k).
-  """
-  b = jax.lax.bitcast_convert_type(a, jnp.int32)
-
-  def halve(_, lohi):
-    lo, hi = lohi
-    mid = lo + (hi - lo + 1) // 2
-    ok = jnp.sum(b >= mid) >= n
-    return jnp.where(ok, mid, lo), jnp.where(ok, hi, mid - 1)
-
-  lo, _ = jax.lax.fori_loop(0, 32, halve, (jnp.int32(0), jnp.int32(0x7F800000)))
-  return jax.lax.bitcast_convert_type(lo, jnp.float32)
 
 
 def trim(tau_leaves: list, k: float) -> list:
   """TIES trim of ONE task vector: keep entries with |tau| >= its ceil(k*D)-th largest |tau|.
 
   The magnitude ranking is global over all leaves (as in the TIES reference code, which
-  flattens the state dict); ties at the threshold are kept.
+  flattens the state dict); ties at the threshold are kept. The threshold is exact and found
+  without sorting (`select.kth_largest`).
   """
   flat = jnp.concatenate([jnp.abs(t).reshape(-1) for t in tau_leaves])
-  n = _n_keep(k, flat.shape[0])
+  n = n_keep(k, flat.shape[0])
   if n >= flat.shape[0]:
     return list(tau_leaves)
-  thr = _kth_largest(flat, n)
+  thr = kth_largest(flat, n)
   return [jnp.where(jnp.abs(t) >= thr, t, 0.0) for t in tau_leaves]
 
 
@@ -95,7 +78,7 @@ _TRIM_CHUNK = 16
 def _ties(x0, stack, uniq_U, inv_GxM, lam, k, chunk_size):
   leaves0, leaves_s, treedef = flatten_stack(x0, stack)
   # Trimming is per task vector, so it is done once per distinct expert, not once per member,
-  # _TRIM_CHUNK experts at a time so the 32 counting passes stay in cache.
+  # _TRIM_CHUNK experts at a time so the selection's counting passes stay in cache.
   trim_one = lambda u: trim([s[u].astype(jnp.float32) - a0.astype(jnp.float32)
                              for a0, s in zip(leaves0, leaves_s)], k)
   trimmed = map_rows(trim_one, (uniq_U,), min(_TRIM_CHUNK, chunk_size or _TRIM_CHUNK))
@@ -135,16 +118,17 @@ def _mix32(x: Array) -> Array:
   return x ^ (x >> 16)
 
 
-def _dare_seeds(key: Array, gi: Array, M: int) -> Array:
+def dare_seeds(key: Array, gi: Array, M: int) -> Array:
   """[M, 2] uint32: member m's seeds in group gi, random.bits(fold_in(fold_in(key, gi), m))."""
   kg = jax.random.fold_in(key, gi)
   return jax.vmap(lambda m: jax.random.bits(jax.random.fold_in(kg, m), (2,), jnp.uint32))(
       jnp.arange(M))
 
 
-def _dare_keep(seed: Array, offset: int, shape: tuple, p: Array) -> Array:
+def dare_keep(seed: Array, offset: int, shape: tuple, p: Array) -> Array:
   """One member's keep mask for one leaf (its coordinates start at `offset` in the flattened
-  backbone): entry j is kept iff u >= p, u = (h >> 8) 2^-24, h = mix(mix(j ^ s0) + s1)."""
+  backbone): entry j is kept iff u >= p, u = (h >> 8) 2^-24, h = mix(mix(j ^ s0) + s1). p is a
+  scalar, or per-entry thresholds of the leaf's shape (DELLA's magnitude-ranked drop rates)."""
   j = jax.lax.iota(jnp.uint32, math.prod(shape)).reshape(shape) + jnp.uint32(offset)
   u = (_mix32(_mix32(j ^ seed[0]) + seed[1]) >> 8).astype(jnp.float32) * (2.0 ** -24)
   return u >= p
@@ -153,14 +137,14 @@ def _dare_keep(seed: Array, offset: int, shape: tuple, p: Array) -> Array:
 def dare_masks(key: Array, gi: Array, M: int, shapes: list, p: Array) -> list:
   """Keep masks, leaves [M, ...], of group gi: Bernoulli(1 - p) per entry, entry j of member m
   (the backbone flattened in tree order, D coordinates) from a counter-based hash of j keyed by
-  jax.random seeds per (group, member) (`_dare_seeds`, `_dare_keep`).
+  jax.random seeds per (group, member) (`dare_seeds`, `dare_keep`).
 
   The hash (two rounds of `_mix32`) costs ~0.5 ns per entry on CPU against ~13 for drawing
   [M, D] threefry bits, which dominated DARE's time, and it fuses into the masking.
   """
-  seeds = _dare_seeds(key, gi, M)
+  seeds = dare_seeds(key, gi, M)
   offsets = np.cumsum([0] + [math.prod(s) for s in shapes]).tolist()
-  return [jax.vmap(lambda sd: _dare_keep(sd, off, tuple(s), p))(seeds)
+  return [jax.vmap(lambda sd: dare_keep(sd, off, tuple(s), p))(seeds)
           for off, s in zip(offsets, shapes)]
 
 
@@ -184,12 +168,12 @@ def _dare(x0, stack, groups, gidx, w_GxM, key, p, lam, base, rescale, k, chunk_s
     # Linear bases: one fused pass per member and leaf (mask, rescale, weight, accumulate), as
     # `base.linear_combination`, so no [M, ...] slab of masks or task vectors is materialised
     # (5x faster).
-    seeds, delta, offset = _dare_seeds(key, gi, M), [], 0
+    seeds, delta, offset = dare_seeds(key, gi, M), [], 0
     for a0, s in zip(leaves0, leaves_s):
       a0f, acc = a0.astype(jnp.float32), jnp.zeros(a0.shape, jnp.float32)
       for m in range(M):
         tau = (s[idx_M[m]].astype(jnp.float32) - a0f) * scale
-        acc = acc + w_M[m] * jnp.where(_dare_keep(seeds[m], offset, a0.shape, p), tau, 0.0)
+        acc = acc + w_M[m] * jnp.where(dare_keep(seeds[m], offset, a0.shape, p), tau, 0.0)
       delta.append(acc)
       offset += a0.size
     return finish(leaves0, leaves_s, treedef, delta, lam)

@@ -139,3 +139,35 @@ def test_gram_matrices_capture_every_dense_input():
     np.testing.assert_allclose(grams["Dense_1"][e], h1.T @ h1 / m.sum(), rtol=1e-5, atol=1e-6)
   merged = merging.regmean(x0, stack, np.array([[0, 1, 2]]), grams=grams)  # runs end to end
   assert all(np.all(np.isfinite(a)) for a in jax.tree.leaves(merged))
+
+
+def test_regmean_plusplus_matches_a_layer_by_layer_reference():
+  # numpy, float64, on the tiny MLP (flatten -> Dense_0 -> relu -> Dense_1): Dense_0 from the
+  # raw inputs' Grams, then Dense_1 from the Grams of relu(x W0* + b0_avg), the MERGED first
+  # layer's activations. Rejects: each member's own activations (plain RegMean with member
+  # Grams), the layers merged in reverse order (Dense_1's Grams under the averaged Dense_0), the
+  # merged Dense_0 not used for Dense_1's inputs.
+  model, x0, stack, heads, x, y, nc, mask = setup()
+  groups, alpha = np.array([[0, 1, 2], [3, 4, 1]], np.int32), 0.5
+  got = merging.regmean_plusplus(x0, stack, groups, model=model, x=x, mask=mask, alpha=alpha,
+                                 ridge=0.01)   # a ReLU unit can be dead: ridge to the average
+  per_group = []
+  for row in groups:
+    merged = {p: s[row].mean(0) for p, s in items(stack)}
+    h = [x[i].reshape(len(x[i]), -1).astype(np.float64) for i in row]
+    for layer in ("Dense_0", "Dense_1"):
+      key = f"['{layer}']['kernel']"
+      A, B = 0.0, 0.0
+      for m, i in enumerate(row):
+        keep = mask[i].astype(bool)
+        G = h[m][keep].T @ h[m][keep] / keep.sum()
+        G = G * alpha + np.diag(np.diag(G)) * (1 - alpha)
+        A, B = A + G / 3, B + G @ np.asarray(stack[layer]["kernel"][i], np.float64) / 3
+      r = 0.01 * np.trace(A) / len(A)
+      merged[key] = np.linalg.solve(A + r * np.eye(len(A)), B + r * merged[key])
+      b = merged[f"['{layer}']['bias']"]
+      h = [np.maximum(hm @ merged[key] + b, 0.0) for hm in h]
+    per_group.append(merged)
+  assert_tree_close(got, stack_ref(per_group, x0), rtol=2e-4, atol=2e-5)
+  with pytest.raises(ValueError, match="^regmean_plusplus: alpha"):
+    merging.regmean_plusplus(x0, stack, groups, model=model, x=x, alpha=1.5)

@@ -131,6 +131,14 @@ def test_missing_inputs_fail_clearly():
   fn = inputs.merge_fns(["weighted_average"], hparams={"weighted_average": {"weights": w}})
   _same(fn["weighted_average"](x0, params["backbone"], GROUPS, IDS),
         merging.weighted_average(x0, params["backbone"], GROUPS, w))
+  # Training losses are passed per call like weights: no model or data needed (rejects building
+  # them from MergeData, or demanding data for an input the study hands over).
+  with pytest.raises(ValueError, match=r"hparams: metrics_weighted needs 'losses'"):
+    inputs.merge_fns(["metrics_weighted"])
+  lo = np.linspace(0.2, 1.0, 5)
+  fn = inputs.merge_fns(["metrics_weighted"], hparams={"metrics_weighted": {"losses": lo}})
+  _same(fn["metrics_weighted"](x0, params["backbone"], GROUPS, IDS),
+        merging.metrics_weighted(x0, params["backbone"], GROUPS, losses=lo))
 
 
 def test_merge_data_build_takes_the_documented_rows():
