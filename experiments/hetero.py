@@ -19,7 +19,8 @@ averaging; the twin stack gives each group's measured merged eps^2. The predicti
 of the theory section. `tiny`: the synthetic 4-task suite, 2 axes (eta, K), s in {1, 3}, 3 groups
 per set (~30 s; the numbers mean little).
 
-Runtime: about 3 min on a 2-core CPU (pretraining cached).
+Runtime: 29 min 25 s measured on the 2-core CPU while other jobs shared it (1,200,000 expert-steps
+through the checked step, since experts stop at different K); expect ~12 min on idle cores.
 Outputs: runs/hetero/summary.json (rank agreement with bootstrap CIs, the spread effect per axis
 with a verdict, mixed against homogeneous), hetero_groups.csv (one row per group), and
 hetero_spread.png. Results: README "Heterogeneous merge groups". Notebook: notebooks/hetero.ipynb.
